@@ -1,0 +1,49 @@
+# saliency_lab — the two commands of the README:
+#   make reproduce   create .venv, install, run every experiment notebook (quick profile), fill figures/
+#   make test        create .venv, install, check notebooks, run nbdev_test and pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROFILE ?= quick
+
+.PHONY: install test reproduce check-notebooks nbtest pytest train-embedded clean-cache
+
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (saliency_lab)" >/dev/null
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Notebooks must be clean (nbdev_clean changes nothing) and saliency_lab/ must be what they export.
+# Both are checked on a copy, so a working tree is never modified by the check.
+check-notebooks: install
+	@tmp=$$(mktemp -d); top=$$(pwd); \
+	cp -r settings.ini setup.py README.md nbs saliency_lab "$$tmp"/; \
+	( cd "$$tmp" && "$$top/$(BIN)/nbdev_clean" >/dev/null && "$$top/$(BIN)/nbdev_export" ) || { rm -rf "$$tmp"; exit 1; }; \
+	st=0; \
+	diff -r -q -x __pycache__ -x .ipynb_checkpoints nbs "$$tmp/nbs" || { echo "notebooks are not clean: run $(BIN)/nbdev_clean and commit"; st=1; }; \
+	diff -r -q -x __pycache__ saliency_lab "$$tmp/saliency_lab" || { echo "saliency_lab/ is out of sync with nbs/: run $(BIN)/nbdev_export and commit"; st=1; }; \
+	rm -rf "$$tmp"; exit $$st
+	@echo "notebooks clean, saliency_lab/ in sync"
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: install
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+test: check-notebooks nbtest pytest
+
+reproduce: install
+	$(BIN)/saliency-lab reproduce --profile $(PROFILE)
+
+train-embedded: install
+	$(BIN)/saliency-lab train-embedded
+
+clean-cache:
+	rm -rf figures/*/.cache

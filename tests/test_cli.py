@@ -1,0 +1,63 @@
+import json, subprocess, sys, numpy as np, pandas as pd, pytest
+from pathlib import Path
+from PIL import Image
+from saliency_lab import cli, core, data
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "saliency_lab.cli", *args], capture_output=True, text=True)
+
+
+def test_list():
+    out = cli.main(["list"])
+    assert out == 0
+
+
+def test_list_prints_registries(capsys):
+    cli.main(["list", "methods"])
+    assert "gradcam" in capsys.readouterr().out
+
+
+def test_explain_writes_overlay(tmp_path):
+    x, _, _ = data.load_dataset("shapes", n=1)[0]
+    img = tmp_path / "in.png"
+    Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(img)
+    r = cli.explain_file(img, "shapes/resnet_s", "gradcam", tmp_path / "out.png")
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG" and 0 <= r["probability"] <= 1
+    with pytest.raises(FileNotFoundError):
+        cli.explain_file(tmp_path / "missing.png", "shapes/resnet_s", "gradcam", tmp_path / "o.png")
+
+
+def test_unknown_experiment():
+    with pytest.raises(ValueError, match="no experiment matches"):
+        cli.experiment_notebooks("nothing-like-this")
+
+
+def _tables(d):
+    return pd.read_csv(d / "opticam_classification" / "table1.csv")
+
+
+def test_papermill_smoke_opticam_classification_and_resume(tmp_path):
+    "Run the experiment notebook through papermill with tiny parameters, twice: the cache is reused, tables identical."
+    params = {"n_images": 6, "models": ["shapes/resnet_s"], "batch_size": 3, "n_figure": 2}
+    out, cache = tmp_path / "figs", tmp_path / "cache"
+    cli.reproduce("quick", only="opticam_classification", out_root=out, cache_dir=cache, params=params, progress=False)
+    t1 = _tables(out)
+    assert list(t1.columns) == ["Method", "shapes/resnet_s / AD↓", "shapes/resnet_s / AG↑", "shapes/resnet_s / AI↑"]
+    assert t1["Method"].tolist() == ["Gradient", "Grad-CAM"]
+    for f in ("table1.md", "table1.tex", "figure2.png", "figure2.pdf", "opticam_classification.ipynb", "index.json"):
+        assert (out / "opticam_classification" / f).exists(), f
+    index = (out / "INDEX.md").read_text()
+    assert "| 003 Opti-CAM | Table 1 |" in index and "| 003 Opti-CAM | Figure 2 |" in index
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("maps.f16")}
+    assert len(stamps) == 2
+    cli.reproduce("quick", only="opticam_classification", out_root=out, cache_dir=cache, params=params, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("maps.f16")} == stamps     # maps read, not recomputed
+    pd.testing.assert_frame_equal(_tables(out), t1)
+    nb = json.loads((out / "opticam_classification" / "opticam_classification.ipynb").read_text())
+    assert "papermill" not in nb["metadata"]
+
+
+def test_console_script_help():
+    r = run("--help")
+    assert r.returncode == 0 and "reproduce" in r.stdout
