@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['METRICS']
 
-# %% ../../nbs/39_metrics.ipynb #3e2291a0
+# %% ../../nbs/39_metrics.ipynb #7d51f557
 from . import fidelity
 from .fidelity import (average_drop, average_increase, average_gain,
                                            classification_metrics, masked_probabilities)
