@@ -271,7 +271,7 @@ def test_no_hook_leaks(embedded, shapes16):
     ex = OptiCAM(model, iterations=2)
     with pytest.raises(ValueError, match="out of range"):
         ex(x[:2], torch.tensor([0, 99]))
-    assert n_hooks(model) == before and ex._runs is None
+    assert n_hooks(model) == before and ex._records is None
     bad = Exploding().eval()
     with pytest.raises(RuntimeError, match="boom"):
         OptiCAM(bad, layer="conv")(torch.rand(1, 3, 8, 8), 0)

@@ -2,6 +2,7 @@
 import copy, math
 import numpy as np, pandas as pd, pytest, torch, torch.nn as nn
 from saliency_lab import cli
+from saliency_lab import segments as S
 from saliency_lab.methods import perturbation as P
 from saliency_lab.methods.base import METHODS
 
@@ -160,7 +161,7 @@ def test_lime_ranks_the_segment_the_model_reads_first(cell, stat, fill):
     assert (e.weights.argmax(1) == cell).all(), e.weights
     others = torch.cat([e.weights[:, :cell], e.weights[:, cell + 1:]], 1)
     assert (e.weights[:, cell] > 10 * others.abs().amax(1)).all()      # the other segments barely matter
-    seg = P.segments_grid(x)
+    seg = S.grid_segments(x)
     assert torch.equal(e.attribution[:, 0], torch.stack([e.weights[j][seg[j]] for j in range(3)]))
 
 
@@ -244,17 +245,17 @@ def test_lime_explanation_over_chunks(embedded, shapes_batch):
 
 def test_segment_helpers(shapes_batch):
     x = shapes_batch[0][:3]
-    g = P.segments_grid(x, (3, 5))
+    g = S.grid_segments(x, (3, 5))
     assert g.shape == (3, 64, 64) and g.unique().tolist() == list(range(15))
     assert g[0, 0, 0] == 0 and g[0, 0, 63] == 4 and g[0, 63, 0] == 10
-    s16, s64 = P.segments_slic(x, 16), P.segments_slic(x, 64)
+    s16, s64 = S.slic_segments(x, 16), S.slic_segments(x, 64)
     for s in (s16, s64):
         assert s.shape == (3, 64, 64) and s.dtype == torch.long
         assert all(si.unique().tolist() == list(range(int(si.max()) + 1)) for si in s)
     assert (s64.flatten(1).amax(1) > s16.flatten(1).amax(1)).all()
-    gray = P.segments_slic(x[:, :1], 8)
+    gray = S.slic_segments(x[:, :1], 8)
     assert gray.shape == (3, 64, 64)
-    lab = P.LIME(CellModel(0).eval(), segmentation=lambda z: 7 * P.segments_grid(z, (2, 2)) + 3).segment(x)
+    lab = P.LIME(CellModel(0).eval(), segmentation=lambda z: 7 * S.grid_segments(z, (2, 2)) + 3).segment(x)
     assert lab.unique().tolist() == [0, 1, 2, 3]                       # a callable's labels are renumbered
 
 

@@ -13,7 +13,7 @@ from ..core import batched, check_images, check_model, get_layer, model_device, 
 from ..models import default_layer
 
 # %% auto #0
-__all__ = ['METHODS', 'register', 'Explainer', 'target_scores', 'LayerCapture', 'upsample']
+__all__ = ['METHODS', 'register', 'Explainer', 'target_scores', 'LayerHook', 'LayerCapture', 'upsample']
 
 # %% ../../nbs/09_methods_base.ipynb #87ad4155
 METHODS: dict[str, type] = {}
@@ -56,6 +56,19 @@ class Explainer(abc.ABC):
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         "Raw attribution of one chunk `x` `[b, C, H, W]` (on the model's device) for `target` `[b]`."
 
+    _records: list | None = None
+    def record(self, item):
+        "Keep per-chunk diagnostics `item` (an optimisation history, say) for `call_with_records`; a no-op outside it."
+        if self._records is not None: self._records.append(item)
+
+    def call_with_records(self, x: torch.Tensor, target="pred", labels=None):
+        "`(attribution, records)`: `Explainer.__call__` and, in chunk order, what each chunk's `attribute` passed to `record`."
+        self._records = []
+        try:
+            return Explainer.__call__(self, x, target, labels=labels), self._records
+        finally:
+            self._records = None
+
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size})"
 
@@ -66,20 +79,26 @@ def target_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"target classes {target.tolist()} out of range for a model with {logits.shape[1]} classes")
     return logits.gather(1, target[:, None])[:, 0]
 
-class LayerCapture:
-    "Context manager: record `layer`'s output as `.activation` during forward passes."
-    def __init__(self, layer: nn.Module):
-        self.layer, self.activation, self._handle = layer, None, None
-    def _hook(self, module, inputs, output):
-        if isinstance(output, (tuple, list)): output = output[0]
-        self.activation = output
-        return output.clone()
+class LayerHook:
+    "Context manager: `hook` is a forward hook on `layer` inside the `with` block, and removed on exit (also after an error)."
+    def __init__(self, layer: nn.Module, hook):
+        self.layer, self.hook, self._handle = layer, hook, None
     def __enter__(self):
-        self._handle = self.layer.register_forward_hook(self._hook)
+        self._handle = self.layer.register_forward_hook(self.hook)
         return self
     def __exit__(self, *exc):
         self._handle.remove(); self._handle = None
         return False
+
+class LayerCapture(LayerHook):
+    "Context manager: record `layer`'s output as `.activation` during forward passes."
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer, self._hook)
+        self.activation = None
+    def _hook(self, module, inputs, output):
+        if isinstance(output, (tuple, list)): output = output[0]
+        self.activation = output
+        return output.clone()
 
 def upsample(a: torch.Tensor, size) -> torch.Tensor:
     "Bilinear upsampling of maps `[B, K, h, w]` to `size` (align_corners=False, as the CAM papers)."

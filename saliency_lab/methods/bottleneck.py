@@ -111,7 +111,7 @@ class IBA(Explainer):
         if images is not None and mean is not None: raise ValueError("pass either images= (to estimate the statistics) or mean=/std=, not both")
         self.iterations, self.n_samples, self.estimate_n = iterations, n_samples, estimate_n
         self.relu, self.seed, self.progress = bool(relu), seed, bool(progress)
-        self.stats, self.history_, self._runs = None, None, None
+        self.stats, self.history_ = None, None
         if images is not None: self.estimate(images)
         elif mean is not None:
             mean, std = torch.as_tensor(mean), torch.as_tensor(std)
@@ -140,12 +140,7 @@ class IBA(Explainer):
 
     def __call__(self, x: torch.Tensor, target="pred", labels=None) -> torch.Tensor:
         self._ensure_stats()
-        self._runs = []
-        try:
-            out = super().__call__(x, target, labels=labels)
-            runs = self._runs
-        finally:
-            self._runs = None
+        out, runs = self.call_with_records(x, target, labels)
         self.history_ = torch.cat(runs).to(x.device)
         return out
 
@@ -205,8 +200,8 @@ class IBA(Explainer):
 
     def attribute(self, x, target):
         alpha, r_norm, act, kernel, hist = self.optimize(x, target)
-        if self._runs is not None: self._runs.append(hist)
-        else: self.history_ = hist
+        self.record(hist)
+        self.history_ = hist
         lam, one_minus = smooth_maps(torch.sigmoid(alpha), kernel), smooth_maps(torch.sigmoid(-alpha), kernel)
         bits = (capacity(r_norm, lam, one_minus) * act).sum(1, keepdim=True) / math.log(2)
         h, w = bits.shape[-2:]

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11_methods_cam.ipynb #8b2e32b1
 from __future__ import annotations
-import math
+import abc, math
 import torch
 import torch.nn as nn
 
@@ -67,9 +67,9 @@ class CAMExplainer(Explainer):
     def __init__(self, model, layer=None, reshape=None, relu: bool = True, batch_size: int = 32):
         super().__init__(model, layer=layer, batch_size=batch_size)
         self.reshape, self.relu = reshape, relu
+    @abc.abstractmethod
     def layer_cam(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         "The map `[b, 1, h, w]` at the layer's resolution, before the final ReLU."
-        raise NotImplementedError      # abstract: every registered subclass defines it
     def attribute(self, x, target):
         cam = self.layer_cam(x, target)
         if self.relu: cam = cam.clamp(min=0)

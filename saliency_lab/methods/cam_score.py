@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import batched, check_images, chunks, make_generator, model_device, resolve_target
-from .base import LayerCapture, register, target_scores
+from ..core import chunks, make_generator
+from .base import LayerCapture, LayerHook, register, target_scores
 from .cam import CAMExplainer, feature_map, weighted_sum
 
 # %% auto #0
@@ -45,13 +45,11 @@ class ChannelWeights:
     "Mixin for methods that weight channels: `weights(x, target)` and `layer_cam` from `_weights(x, target) -> (A, w)`."
     def weights(self, x: torch.Tensor, target="pred") -> torch.Tensor:
         "Channel weights `[B, K]`, with the input checks, target rules and chunking of `__call__`."
-        check_images(x)
-        dev = model_device(self.model)
-        t = resolve_target(self.model, x, target, batch_size=self.batch_size)
-        return batched(lambda xb, tb: self._weights(xb.to(dev), tb.to(dev))[1].to(x.device), x, t,
-                       batch_size=self.batch_size)
+        _, ws = self.call_with_records(x, target)
+        return torch.cat(ws).to(x.device)
     def layer_cam(self, x, target):
         A, w = self._weights(x, target)
+        self.record(w)
         return weighted_sum(A, w)
 
 # %% ../../nbs/11b_methods_cam_score.ipynb #df953466
@@ -181,10 +179,11 @@ class SSCAM(ScoreCAM):
         finally: self._cache = {}
 
 # %% ../../nbs/11b_methods_cam_score.ipynb #a9617d9f
-class ReplaceOutput:
+class ReplaceOutput(LayerHook):
     "Context manager: a forward hook replacing `layer`'s output by `fn(output)` while `.fn` is set (one call per pass)."
     def __init__(self, layer: nn.Module):
-        self.layer, self.fn, self._handle, self.calls = layer, None, None, 0
+        super().__init__(layer, self._hook)
+        self.fn, self.calls = None, 0
     def _hook(self, module, inputs, output):
         if self.fn is None: return None
         self.calls += 1
@@ -199,12 +198,6 @@ class ReplaceOutput:
         try:
             with torch.no_grad(): return model(x)
         finally: self.fn = None
-    def __enter__(self):
-        self._handle = self.layer.register_forward_hook(self._hook)
-        return self
-    def __exit__(self, *exc):
-        self._handle.remove(); self._handle = None
-        return False
 
 def prefix_shareable(model: nn.Module, layer: nn.Module, x1: torch.Tensor) -> bool:
     "Whether the model, fed one image `x1` with its layer output doubled, returns two copies of its plain output."

@@ -170,15 +170,10 @@ class ExtremalPerturbation(Explainer):
         self.coldness, self.jitter, self.select, self.progress = float(coldness), bool(jitter), select, bool(progress)
         self.area_domain = area_domain
         self.history_ = self.rewards_ = self.selected_ = None
-        self._runs, self._gens = None, {}
+        self._gens = {}
 
     def __call__(self, x: torch.Tensor, target="pred", labels=None) -> torch.Tensor:
-        self._runs = []
-        try:
-            out = super().__call__(x, target, labels=labels)
-            runs = self._runs
-        finally:
-            self._runs = None
+        out, runs = self.call_with_records(x, target, labels)
         self.history_, self.rewards_, self.selected_ = (torch.cat([r[i] for r in runs]).to(x.device) for i in range(3))
         return out
 
@@ -243,8 +238,8 @@ class ExtremalPerturbation(Explainer):
             sel = order[first]
         else:
             sel = torch.full((b,), self.select % A, device=x.device, dtype=torch.long)
-        if self._runs is not None: self._runs.append((hist, final, sel))
-        else: self.history_, self.rewards_, self.selected_ = hist, final, sel
+        self.record((hist, final, sel))
+        self.history_, self.rewards_, self.selected_ = hist, final, sel
         return masks[torch.arange(b, device=x.device), sel][:, None]
 
     def __repr__(self):

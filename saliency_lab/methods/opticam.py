@@ -92,15 +92,9 @@ class OptiCAM(CAMExplainer):
         self.objective, self.norm, self.selector, self.h = objective, norm, selector, h
         self.iterations, self.lr, self.tol, self.betas, self.eps = iterations, float(lr), float(tol), tuple(betas), float(eps)
         self.history_ = self.n_steps_ = None
-        self._runs = None
 
     def __call__(self, x: torch.Tensor, target="pred", labels=None, return_history: bool = False):
-        self._runs = []
-        try:
-            attr = super().__call__(x, target, labels=labels)
-            runs = self._runs
-        finally:
-            self._runs = None
+        attr, runs = self.call_with_records(x, target, labels)
         self.history_ = torch.cat([r[0] for r in runs]).to(x.device)
         self.n_steps_ = torch.cat([r[1] for r in runs]).to(x.device)
         return (attr, self.history_) if return_history else attr
@@ -140,8 +134,8 @@ class OptiCAM(CAMExplainer):
             target = torch.cat([target, target[-1:].expand(pad)])
         u, A, history, steps = self.optimize(x, target)
         u, A, history, steps = u[:b], A[:b], history[:b], steps[:b]
-        if self._runs is not None: self._runs.append((history, steps))
-        else: self.history_, self.n_steps_ = history, steps
+        self.record((history, steps))
+        self.history_, self.n_steps_ = history, steps
         return opticam_saliency(A, u, _H[self.h] if isinstance(self.h, str) else self.h)
 
     def __repr__(self):

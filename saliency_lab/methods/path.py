@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from ..core import chunks
 from .base import Explainer, register
-from .gradient import input_gradient
+from .gradient import input_gradient, make_baseline
 
 # %% auto #0
 __all__ = ['model_dtype', 'path_gradient', 'blur_matrix', 'gaussian_blur', 'blur_sigmas', 'BlurIG', 'guided_ig_path', 'GuidedIG']
@@ -135,18 +135,6 @@ def guided_ig_path(model: nn.Module, x: torch.Tensor, target: torch.Tensor, base
             if not bool(active.any()): break
     return attr.view(shape)
 
-def _baseline(baseline, x: torch.Tensor) -> torch.Tensor:
-    "The chunk's baselines `[b, C, H, W]`: black (`None`), a constant, one image `[1, C, H, W]`, or `baseline(x)`."
-    if baseline is None: baseline = 0.0
-    if callable(baseline): b = baseline(x)
-    elif isinstance(baseline, (int, float)): b = torch.full_like(x, float(baseline))
-    else: b = baseline
-    b = torch.as_tensor(b).to(device=x.device, dtype=x.dtype)
-    if b.ndim != 4 or b.shape[1:] != x.shape[1:] or b.shape[0] not in (1, len(x)):
-        raise ValueError(f"baseline must be None (black), a number, one image {tuple(x.shape[1:])} or a callable "
-                         f"x -> tensor shaped like x; got shape {tuple(b.shape)}")
-    return b.expand_as(x)
-
 @register("guided_ig")
 class GuidedIG(Explainer):
     "Guided IG (Kapishnikov et al., 2021): integrated gradients along an adaptive path that moves low-gradient features first."
@@ -165,5 +153,5 @@ class GuidedIG(Explainer):
         self.baseline, self.fraction, self.max_dist = baseline, float(fraction), float(max_dist)
 
     def attribute(self, x, target):
-        b = _baseline(self.baseline, x)
+        b = make_baseline(self.baseline, x)          # the same rules as integrated_gradients
         return guided_ig_path(self.model, x, target, b, self.steps, self.fraction, self.max_dist).to(x.dtype)

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import _progress, check_images, check_model, chunks, make_generator, model_device, resolve_target
+from ..core import _progress, chunks, make_generator
 from .base import Explainer, register, target_scores
 
 # %% auto #0
-__all__ = ['FILLS', 'class_scores', 'upsampling_matrix', 'rise_grids', 'render_rise_masks', 'rise_masks', 'RISE', 'segments_grid',
-           'segments_slic', 'segment_fill', 'lime_kernel', 'weighted_ridge', 'lasso_path_select', 'LimeExplanation',
-           'LIME', 'window_starts', 'Occlusion']
+__all__ = ['FILLS', 'class_scores', 'upsampling_matrix', 'rise_grids', 'render_rise_masks', 'rise_masks', 'RISE', 'segment_fill',
+           'lime_kernel', 'weighted_ridge', 'lasso_path_select', 'LimeExplanation', 'LIME', 'window_starts',
+           'Occlusion']
 
 # %% ../../nbs/12_methods_perturbation.ipynb #95f0b7b5
 def class_scores(model: nn.Module, z: torch.Tensor, target: torch.Tensor, softmax: bool = False) -> torch.Tensor:
@@ -142,27 +142,7 @@ class RISE(Explainer):
         return (sal / (N * self.p1))[:, None]
 
 # %% ../../nbs/12_methods_perturbation.ipynb #eeeb8a14
-def segments_grid(x: torch.Tensor, grid=(4, 4)) -> torch.Tensor:
-    "Labels `[B, H, W]` of a regular grid of `rows × cols` rectangles (row-major), for images `x` `[B, C, H, W]`."
-    gh, gw = _pair(grid, "grid")
-    B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
-    if gh > H or gw > W: raise ValueError(f"grid {(gh, gw)} has more cells than the image {(H, W)} has pixels")
-    r = torch.arange(H, device=x.device) * gh // H
-    c = torch.arange(W, device=x.device) * gw // W
-    return (r[:, None] * gw + c[None]).expand(B, H, W).clone()
-
-def segments_slic(x: torch.Tensor, n_segments: int = 16, compactness: float = 10.0, sigma: float = 0.0,
-                  max_num_iter: int = 10, **slic_kw) -> torch.Tensor:
-    "SLIC super-pixels of each image (`skimage.segmentation.slic`), labels `0 … K−1` as `[B, H, W]` on `x.device`."
-    from skimage.segmentation import slic
-    n_segments = _int(n_segments, "n_segments")
-    out = []
-    for im in x.detach().to("cpu", torch.float64).numpy():
-        img, axis = (im[0], None) if im.shape[0] == 1 else (im.transpose(1, 2, 0), -1)
-        lab = slic(img, n_segments=n_segments, compactness=compactness, sigma=sigma, max_num_iter=max_num_iter,
-                   start_label=0, channel_axis=axis, **slic_kw)
-        out.append(np.unique(lab, return_inverse=True)[1].reshape(lab.shape))
-    return torch.from_numpy(np.stack(out)).long().to(x.device)
+from ..segments import grid_segments, slic_segments      # the segmentations of module `segments`
 
 # %% ../../nbs/12_methods_perturbation.ipynb #3a4a0b2f
 FILLS = ("segment_mean", "image_mean", "blur")
@@ -267,8 +247,8 @@ class LIME(Explainer):
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         "The segmentation `[b, H, W]` (labels 0 … K−1 per image) that the explainer uses for `x`."
-        if self.segmentation == "slic": return segments_slic(x, self.n_segments, **self.slic_kw)
-        if self.segmentation == "grid": return segments_grid(x, self.grid)
+        if self.segmentation == "slic": return slic_segments(x, self.n_segments, **self.slic_kw)
+        if self.segmentation == "grid": return grid_segments(x, self.grid)
         seg = self.segmentation(x)
         if not isinstance(seg, torch.Tensor) or seg.shape != (x.shape[0], *x.shape[2:]) or seg.is_floating_point():
             raise ValueError(f"the segmentation callable must return integer labels [B, H, W] = {(x.shape[0], *x.shape[2:])}, "
@@ -320,14 +300,13 @@ class LIME(Explainer):
         return LimeExplanation(attr, coef.to(x.dtype), intercept.to(x.dtype), score.to(x.dtype), seg, nseg)
 
     def attribute(self, x, target):
-        return self._explain(x, target).attribution
+        e = self._explain(x, target)
+        self.record(e)
+        return e.attribution
 
     def explain(self, x: torch.Tensor, target="pred", labels=None) -> LimeExplanation:
         "Attribution, segment weights, intercepts, R² scores and segments for images `x` (chunked by `batch_size`)."
-        check_images(x); check_model(self.model)
-        dev = model_device(self.model)
-        t = resolve_target(self.model, x, target, labels=labels, batch_size=self.batch_size)
-        parts = [self._explain(x[c].to(dev), t[c].to(dev)) for c in chunks(len(x), self.batch_size)]
+        _, parts = self.call_with_records(x, target, labels)
         K = max(p.weights.shape[1] for p in parts)
         pad = lambda w: torch.nn.functional.pad(w, (0, K - w.shape[1]))
         cat = lambda f: torch.cat([f(p) for p in parts]).to(x.device)
