@@ -72,3 +72,16 @@ def test_papermill_smoke_benchmark_gradient(tmp_path):
     assert (t["ours (ms/image)"] > 0).all() and (t["Captum (ms/image)"] > 0).all()
     assert np.allclose(t["Captum / ours"], t["Captum (ms/image)"] / t["ours (ms/image)"], rtol=1e-2)
     assert "Benchmark: gradient methods vs Captum" in (out / "INDEX.md").read_text()
+
+def test_papermill_smoke_gallery(tmp_path):
+    "The gallery runs every registered method on one image and writes a figure per family plus a timing row per method."
+    from saliency_lab import methods
+    out = tmp_path / "figs"
+    cli.reproduce("quick", only="gallery", out_root=out, params={"n_images": 1}, progress=False)
+    t = pd.read_csv(out / "gallery" / "seconds.csv")
+    transformer = {"raw_attention", "rollout", "transformer_attribution"}
+    assert set(t["method"]) == set(methods.available()) - transformer
+    assert (t["seconds / image"] >= 0).all()
+    for f in ("gallery", "gallery_gradient", "gallery_cam", "gallery_perturbation", "gallery_transformer"):
+        assert (out / "gallery" / f"{f}.png").stat().st_size > 10_000
+    assert "Gallery of all methods" in (out / "INDEX.md").read_text()
