@@ -142,9 +142,10 @@ def main(argv=None) -> int:
         for k, v in lists.items():
             if a.what in ("all", k): print(f"{k}: " + ", ".join(v))
     elif a.cmd == "train-embedded":
-        from saliency_lab.models import EMBEDDED_ARCHS, EMBEDDED_DATASETS, train_embedded
+        from saliency_lab.models import EMBEDDED_ARCHS, EMBEDDED_DATASETS, embedded_models, train_embedded
         for d in a.dataset or EMBEDDED_DATASETS:
             for arch in a.arch or EMBEDDED_ARCHS:
+                if f"{d}/{arch}" not in embedded_models(): continue        # e.g. vit_s ships for shapes only
                 rec = train_embedded(d, arch, epochs=a.epochs, out_dir=a.out_dir)
                 print(f"{d}/{arch}: test accuracy {rec['test_acc']:.3f} ({rec['train_seconds']:.0f} s)")
     elif a.cmd == "explain":

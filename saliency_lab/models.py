@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from .core import check_model, data_dir, get_layer, make_generator, model_device, predict, seed_everything
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'EMBEDDED_ARCHS', 'EMBEDDED_DATASETS', 'TORCHVISION_MODELS', 'TIMM_MODELS',
-           'TRAIN_DEFAULTS', 'ARCH_EPOCHS', 'Normalized', 'VGGSmall', 'BasicBlock', 'ResNetSmall', 'DenseNetSmall',
-           'embedded_manifest', 'available_models', 'build_embedded', 'load_model', 'default_layer', 'accuracy',
-           'train_embedded']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'EMBEDDED_ARCHS', 'EMBEDDED_DATASETS', 'EMBEDDED_ONLY_ON', 'TORCHVISION_MODELS',
+           'TIMM_MODELS', 'TRAIN_DEFAULTS', 'ARCH_TRAIN', 'Normalized', 'VGGSmall', 'BasicBlock', 'ResNetSmall',
+           'DenseNetSmall', 'ViTSmall', 'embedded_models', 'embedded_manifest', 'available_models', 'build_embedded',
+           'load_model', 'default_layer', 'accuracy', 'train_embedded']
 
 # %% ../nbs/02_models.ipynb #67a3e5cc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -112,12 +112,27 @@ class DenseNetSmall(nn.Module):
     def forward(self, x):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1), 1))
 
+def ViTSmall(num_classes: int = 8, image_size: int = 64):
+    "A 4-block torchvision `VisionTransformer` with a 3-convolution stem (8×8 patches)."
+    import torchvision
+    from torchvision.models.vision_transformer import ConvStemConfig
+    stem = [ConvStemConfig(out_channels=c, kernel_size=3, stride=2) for c in (16, 32, 64)]
+    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=8, num_layers=4, num_heads=4,
+                                                hidden_dim=64, mlp_dim=128, num_classes=num_classes,
+                                                conv_stem_configs=stem)
+
 EMBEDDED_ARCHS = {
     "vgg_s": (VGGSmall, "features.13"),
     "resnet_s": (ResNetSmall, "layer3"),
     "dense_s": (DenseNetSmall, "features.norm5"),
+    "vit_s": (ViTSmall, "encoder.layers.encoder_layer_3.ln_1"),
 }
 EMBEDDED_DATASETS = ("shapes", "textures", "digits")
+EMBEDDED_ONLY_ON = {"vit_s": ("shapes",)}     # architectures trained on some of the datasets only
+
+def embedded_models() -> list[str]:
+    "Names of the embedded models (`dataset/arch`) that ship with weights."
+    return [f"{d}/{a}" for d in EMBEDDED_DATASETS for a in EMBEDDED_ARCHS if d in EMBEDDED_ONLY_ON.get(a, EMBEDDED_DATASETS)]
 
 # %% ../nbs/02_models.ipynb #3e0bb8b9
 TORCHVISION_MODELS = {
@@ -134,8 +149,7 @@ def embedded_manifest() -> dict:
 
 def available_models() -> list[str]:
     "Names `load_model` accepts."
-    emb = [f"{d}/{a}" for d in EMBEDDED_DATASETS for a in EMBEDDED_ARCHS]
-    return emb + list(TORCHVISION_MODELS) + list(TIMM_MODELS)
+    return embedded_models() + list(TORCHVISION_MODELS) + list(TIMM_MODELS)
 
 def _num_classes(dataset): return 10 if dataset == "digits" else 8
 def _native_size(dataset): return 32 if dataset == "digits" else 64
@@ -143,11 +157,10 @@ def _native_size(dataset): return 32 if dataset == "digits" else 64
 def build_embedded(name: str) -> Normalized:
     "An embedded model `dataset/arch` with random weights (in eval mode)."
     dataset, arch = name.split("/")
-    if dataset not in EMBEDDED_DATASETS or arch not in EMBEDDED_ARCHS:
-        raise ValueError(f"unknown embedded model {name!r}; use dataset/arch with dataset in {EMBEDDED_DATASETS} "
-                         f"and arch in {list(EMBEDDED_ARCHS)}")
+    if name not in embedded_models():
+        raise ValueError(f"unknown embedded model {name!r}; use one of {embedded_models()}")
     ctor, layer = EMBEDDED_ARCHS[arch]
-    net = ctor(num_classes=_num_classes(dataset))
+    net = ctor(num_classes=_num_classes(dataset), **({"image_size": _native_size(dataset)} if arch == "vit_s" else {}))
     rec = embedded_manifest().get(name, {})
     from saliency_lab.data import SHAPE_CLASSES, TEXTURE_CLASSES
     classes = {"shapes": SHAPE_CLASSES, "textures": TEXTURE_CLASSES, "digits": tuple("0123456789")}[dataset]
@@ -203,7 +216,9 @@ def default_layer(model: nn.Module) -> nn.Module:
 
 # %% ../nbs/02_models.ipynb #4ea358ee
 TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-4, "n_train": 4000}
-ARCH_EPOCHS = {"dense_s": 20}   # the small DenseNet is cheap per epoch and learns more slowly
+# per-architecture settings: the small DenseNet is cheap per epoch and learns more slowly; the ViT needs more
+# epochs and the stronger weight decay usual for transformers
+ARCH_TRAIN = {"dense_s": {"epochs": 20}, "vit_s": {"epochs": 30, "weight_decay": 0.05}}
 
 def _augment(x, g, turns: bool = True):
     "Small shifts and, with `turns`, random flips and quarter turns, one draw per image."
@@ -224,7 +239,8 @@ def train_embedded(dataset: str, arch: str, epochs: int | None = None, seed: int
                    progress: bool = True, **kw) -> dict:
     "Train `dataset/arch` deterministically on the CPU, save its weights and return its manifest record."
     from saliency_lab.data import load_dataset, load_batch
-    cfg = {**TRAIN_DEFAULTS, **kw, "epochs": epochs or ARCH_EPOCHS.get(arch, TRAIN_DEFAULTS["epochs"]), "seed": seed}
+    cfg = {**TRAIN_DEFAULTS, **ARCH_TRAIN.get(arch, {}), **kw, "seed": seed}
+    if epochs: cfg["epochs"] = epochs
     t0 = time.time()
     torch.use_deterministic_algorithms(True)
     seed_everything(seed)

@@ -39,21 +39,30 @@ def _tables(d):
 
 def test_papermill_smoke_opticam_classification_and_resume(tmp_path):
     "Run the experiment notebook through papermill with tiny parameters, twice: the cache is reused, tables identical."
-    params = {"n_images": 6, "models": ["shapes/resnet_s"], "batch_size": 3, "n_figure": 2}
+    params = {"n_images": 6, "models": ["shapes/resnet_s"], "batch_size": 3, "n_figure": 2,
+              "methods": ["fakecam", "gradcam", "opticam"], "methods_a14": ["gradcam"],
+              "transformers": ["shapes/vit_s"], "methods_t2": ["gradcam", "rollout"]}
     out, cache = tmp_path / "figs", tmp_path / "cache"
     cli.reproduce("quick", only="opticam_classification", out_root=out, cache_dir=cache, params=params, progress=False)
     t1 = _tables(out)
-    assert list(t1.columns) == ["Method", "shapes/resnet_s / AD↓", "shapes/resnet_s / AG↑", "shapes/resnet_s / AI↑"]
-    assert t1["Method"].tolist() == ["Gradient", "Grad-CAM"]
-    for f in ("table1.md", "table1.tex", "figure2.png", "figure2.pdf", "opticam_classification.ipynb", "index.json"):
+    assert list(t1.columns) == ["Method"] + [f"shapes/resnet_s / {c}" for c in ("AD↓", "AG↑", "AI↑", "T")]
+    assert t1["Method"].tolist() == ["Fake-CAM", "Grad-CAM", "Opti-CAM"]
+    assert (t1["shapes/resnet_s / T"] > 0).all()
+    a14 = pd.read_csv(out / "opticam_classification" / "table_a14.csv")
+    assert a14["Method"].tolist() == ["Grad-CAM"]
+    t2 = pd.read_csv(out / "opticam_classification" / "table2.csv")
+    assert t2["Method"].tolist() == ["Grad-CAM", "Rollout"] and "shapes/vit_s / AG↑" in t2.columns
+    for f in ("table1.md", "table1.tex", "table_a14.tex", "figure2_shapes_resnet_s.png", "figure2_shapes_resnet_s.pdf",
+              "opticam_classification.ipynb", "index.json"):
         assert (out / "opticam_classification" / f).exists(), f
     index = (out / "INDEX.md").read_text()
-    assert "| 003 Opti-CAM | Table 1 |" in index and "| 003 Opti-CAM | Figure 2 |" in index
+    for item in ("Table 1", "Table 2", "Table A14", "Figure 2"):
+        assert f"| 003 Opti-CAM | {item} |" in index
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("maps.f16")}
-    assert len(stamps) == 2
+    assert len(stamps) == 6
     cli.reproduce("quick", only="opticam_classification", out_root=out, cache_dir=cache, params=params, progress=False)
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("maps.f16")} == stamps     # maps read, not recomputed
-    pd.testing.assert_frame_equal(_tables(out), t1)
+    pd.testing.assert_frame_equal(_tables(out), t1)                              # timings reused with the maps
     nb = json.loads((out / "opticam_classification" / "opticam_classification.ipynb").read_text())
     assert "papermill" not in nb["metadata"]
 

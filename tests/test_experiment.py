@@ -68,3 +68,15 @@ def test_index(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         experiment.register(tmp_path / "e1", [{"paper": "x"}])
     assert experiment.runtime_bucket(30) == "< 1 min" and experiment.runtime_bucket(200) == "≤ 5 min"
+
+
+def test_index_keeps_the_longer_runtime(tmp_path):
+    "A rerun served from the map cache does not shrink the recorded run time; a longer new run replaces it."
+    row = {"paper": "003 Opti-CAM", "item": "Table 1", "notebook": "n", "files": [], "profile": "quick"}
+    f = experiment.register(tmp_path / "e", [{**row, "runtime": "≤ 10 min"}])
+    experiment.register(tmp_path / "e", [{**row, "runtime": "< 1 min"}])
+    assert json.loads(f.read_text())[0]["runtime"] == "≤ 10 min"
+    experiment.register(tmp_path / "e", [{**row, "runtime": "≤ 20 min"}])
+    assert json.loads(f.read_text())[0]["runtime"] == "≤ 20 min"
+    experiment.register(tmp_path / "e", [{**row, "profile": "full", "runtime": "< 1 min"}])
+    assert json.loads(f.read_text())[0]["runtime"] == "< 1 min"          # another profile is another row

@@ -1,4 +1,4 @@
-import numpy as np, pytest, torch, torch.nn as nn
+import copy, numpy as np, pytest, torch, torch.nn as nn
 from saliency_lab import core, methods, models
 
 
@@ -70,7 +70,10 @@ def test_gradcam_matches_pytorch_grad_cam_after_upsampling(fixture, layer, reque
     x, y, _ = shapes_batch
     ex = methods.create("gradcam", model, layer=layer)
     ours = core.to_saliency(ex(x, y))
-    with GradCAM(model=model, target_layers=[ex.layer]) as cam:
+    # pytorch-grad-cam calls loss.backward(), leaving .grad on the model: give it its own copy of the shared fixture
+    name = next(n for n, m in model.named_modules() if m is ex.layer)
+    model = copy.deepcopy(model)
+    with GradCAM(model=model, target_layers=[model.get_submodule(name)]) as cam:
         ref = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in y])).float()
     compared = 0
     for i in range(len(x)):
