@@ -32,5 +32,18 @@ def available() -> list[str]:
     "Sorted names of the registered methods."
     return sorted(METHODS)
 
+DISPLAY_NAMES = {
+    "gradient": "Gradient", "input_x_gradient": "Input×Gradient", "guided_backprop": "Guided Backprop",
+    "deconvnet": "Deconvnet", "integrated_gradients": "Integrated Gradients", "gradient_shap": "GradientSHAP",
+    "smoothgrad": "SmoothGrad", "smoothgrad_sq": "SmoothGrad²", "vargrad": "VarGrad", "blur_ig": "Blur IG",
+    "guided_ig": "Guided IG", "lrp": "LRP", "cam": "CAM", "gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++",
+    "smooth_gradcam_pp": "Smooth Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "Layer-CAM",
+    "hirescam": "HiRes-CAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "sscam": "SS-CAM", "iscam": "IS-CAM",
+    "ablationcam": "Ablation-CAM", "reciprocam": "Recipro-CAM", "opticam": "Opti-CAM", "rise": "RISE", "lime": "LIME",
+    "occlusion": "Occlusion", "extremal_perturbation": "ExtremalPerturbation", "iba": "IBA",
+    "raw_attention": "RawAtt", "rollout": "Rollout", "transformer_attribution": "TIBAV", "fakecam": "Fake-CAM",
+    "uniform": "Uniform", "canny": "Canny"}
+"How the papers' tables name each registered method (TIBAV: Chefer et al.'s transformer attribution, as 003 calls it)."
+
 # %% auto #0
-__all__ = ['create', 'available']
+__all__ = ['DISPLAY_NAMES', 'create', 'available']
