@@ -23,19 +23,14 @@ ORDERS = ("pixel", "region")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    "Separable Gaussian blur of `[B, C, H, W]`: sampled kernel normalised to sum 1, reflect padding."
-    k = torch.arange(kernel_size, dtype=torch.float64, device=x.device) - (kernel_size - 1) / 2
-    g = torch.exp(-0.5 * (k / sigma) ** 2)
-    g = (g / g.sum()).to(x.dtype)
+    "Gaussian blur of `[B, C, H, W]` (torchvision's: sampled kernel normalised to sum 1, reflect padding), as LIME's blur."
+    from torchvision.transforms.functional import gaussian_blur as tv_blur
     p = kernel_size // 2
     H, W = x.shape[-2:]
     if min(H, W) <= p:
         raise ValueError(f"blur with kernel {kernel_size} needs images larger than {p} pixels per side "
                          f"(reflect padding), got {H}×{W}")
-    C = x.shape[1]
-    y = F.pad(x, (p, p, p, p), mode="reflect")
-    y = F.conv2d(y, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(y, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    return tv_blur(x, [kernel_size, kernel_size], [sigma, sigma])
 
 def _model_mean(model, C, x):
     m = getattr(model, "mean", None)
@@ -153,23 +148,22 @@ def _run_curves(model, x, start, rank, t, steps, insert, batch_size, softmax, pr
     return out.view(B, S1).to(x.device)
 
 # %% ../../nbs/30b_metrics_curves.ipynb #9a8b5eb7
+def _curve(insert, model, x, sal, target, steps, baseline, order, region, batch_size, seed, softmax, labels, progress):
+    t = _validate(model, x, sal, target, steps, batch_size, labels, order, baseline)
+    return _run_curves(model, x, make_baseline(x, baseline, model, seed), perturbation_rank(sal, order, region), t,
+                       steps, insert, batch_size, softmax, progress, "insertion" if insert else "deletion")
+
 def insertion_curve(model: nn.Module, x: torch.Tensor, sal: torch.Tensor, target, steps: int = 224,
                     baseline="blur", order: str = "pixel", region: int = 9, batch_size: int = 64, seed=0,
                     softmax: bool = True, labels=None, progress: bool = False) -> torch.Tensor:
     "Insertion curve (Petsiuk et al., 2018): target probability as pixels go from `baseline` back to `x`, `[B, steps+1]`."
-    t = _validate(model, x, sal, target, steps, batch_size, labels, order, baseline)
-    rank = perturbation_rank(sal, order, region)
-    base = make_baseline(x, baseline, model, seed)
-    return _run_curves(model, x, base, rank, t, steps, True, batch_size, softmax, progress, "insertion")
+    return _curve(True, model, x, sal, target, steps, baseline, order, region, batch_size, seed, softmax, labels, progress)
 
 def deletion_curve(model: nn.Module, x: torch.Tensor, sal: torch.Tensor, target, steps: int = 224,
                    baseline="mean", order: str = "pixel", region: int = 9, batch_size: int = 64, seed=0,
                    softmax: bool = True, labels=None, progress: bool = False) -> torch.Tensor:
     "Deletion curve (Petsiuk et al., 2018): target probability as pixels of `x` are replaced by `baseline`, `[B, steps+1]`."
-    t = _validate(model, x, sal, target, steps, batch_size, labels, order, baseline)
-    rank = perturbation_rank(sal, order, region)
-    base = make_baseline(x, baseline, model, seed)
-    return _run_curves(model, x, base, rank, t, steps, False, batch_size, softmax, progress, "deletion")
+    return _curve(False, model, x, sal, target, steps, baseline, order, region, batch_size, seed, softmax, labels, progress)
 
 # %% ../../nbs/30b_metrics_curves.ipynb #f54e28b2
 def auc(curve: torch.Tensor) -> torch.Tensor:

@@ -153,10 +153,7 @@ def _perturbed_outputs(model, x, t, n_steps: int, make, batch_size: int | None, 
         out[s] = predict(model, make(b, k), target=t[b], softmax=softmax, batch_size=None).to(out.dtype)
     return out.view(B, n_steps)
 
-def _check_int(v, name, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
-    return v
+from .curves import _check_int     # integer-argument check shared with the curves
 
 def _feature_steps(a: torch.Tensor, k: int) -> torch.Tensor:
     "Step of every attribution entry when entries are taken `k` at a time in ascending order (stable ties), shaped like `a`."
