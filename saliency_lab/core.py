@@ -213,24 +213,10 @@ def get_layer(model: nn.Module, layer) -> nn.Module:
                      + f"The model has {len(names)} named layers, e.g. {names[-5:]}")
 
 # %% ../nbs/00_core.ipynb #47d19963
-def to_saliency(attr: torch.Tensor, reduce: str = "max", norm: str = "minmax",
-                positive: bool = False) -> torch.Tensor:
-    "Raw attribution `[B, C', H, W]` (or `[B, H, W]`) → saliency map `[B, H, W]`, normalised per image."
-    if not isinstance(attr, torch.Tensor) or attr.ndim not in (3, 4):
-        raise ValueError(f"attr must be a tensor [B, C, H, W] or [B, H, W], got "
-                         f"{tuple(attr.shape) if isinstance(attr, torch.Tensor) else type(attr).__name__}")
-    if not torch.isfinite(attr).all():
-        raise ValueError("attr contains NaN or Inf")
-    a = attr.float()
-    if a.ndim == 3: a = a[:, None]
-    if positive: a = a.clamp(min=0)
-    if reduce == "max": s = a.amax(1)
-    elif reduce == "abs_max": s = a.abs().amax(1)
-    elif reduce == "sum": s = a.sum(1)
-    elif reduce == "mean_abs": s = a.abs().mean(1)
-    else: raise ValueError(f"reduce must be 'max', 'abs_max', 'sum' or 'mean_abs', got {reduce!r}")
-    if norm == "none": return s
-    flat = s.flatten(1)
+def _normalize(a: torch.Tensor, norm: str) -> torch.Tensor:
+    "Per-image normalisation of `[B, ...]` over all its other dimensions (see `to_saliency`)."
+    if norm == "none": return a
+    flat = a.flatten(1)
     if norm == "minmax":
         lo, hi = flat.amin(1), flat.amax(1)
         rng = hi - lo
@@ -243,4 +229,25 @@ def to_saliency(attr: torch.Tensor, reduce: str = "max", norm: str = "minmax",
     if const.any():
         out[const] = 0
         warnings.warn(f"to_saliency: {int(const.sum())} of {len(const)} maps are constant; they become all zeros")
-    return out.view_as(s).clamp_(0, 1)
+    return out.view_as(a).clamp_(0, 1)
+
+def _reduce(a: torch.Tensor, reduce: str) -> torch.Tensor:
+    if reduce == "max": return a.amax(1)
+    if reduce == "abs_max": return a.abs().amax(1)
+    if reduce == "sum": return a.sum(1)
+    if reduce == "mean_abs": return a.abs().mean(1)
+    raise ValueError(f"reduce must be 'max', 'abs_max', 'sum' or 'mean_abs', got {reduce!r}")
+
+def to_saliency(attr: torch.Tensor, reduce: str = "max", norm: str = "minmax",
+                positive: bool = False, norm_first: bool = False) -> torch.Tensor:
+    "Raw attribution `[B, C', H, W]` (or `[B, H, W]`) → saliency map `[B, H, W]`, normalised per image."
+    if not isinstance(attr, torch.Tensor) or attr.ndim not in (3, 4):
+        raise ValueError(f"attr must be a tensor [B, C, H, W] or [B, H, W], got "
+                         f"{tuple(attr.shape) if isinstance(attr, torch.Tensor) else type(attr).__name__}")
+    if not torch.isfinite(attr).all():
+        raise ValueError("attr contains NaN or Inf")
+    a = attr.float()
+    if a.ndim == 3: a = a[:, None]
+    if positive: a = a.clamp(min=0)
+    if norm_first: return _reduce(_normalize(a, norm), reduce)
+    return _normalize(_reduce(a, reduce), norm)

@@ -13,9 +13,9 @@ import torch
 from .core import check_images, repo_root, resolve_target, to_saliency
 
 # %% auto #0
-__all__ = ['MapCache', 'image_batches', 'compute_maps', 'method_maps', 'method_settings', 'classification_rows', 'paper_values',
-           'write_table', 'save_figure', 'runtime_bucket', 'figures_dir', 'register', 'write_index', 'write_manifest',
-           'Timer']
+__all__ = ['FALSESENSE_FAMILIES', 'FALSESENSE_SALIENCY', 'MapCache', 'image_batches', 'compute_maps', 'method_maps',
+           'method_settings', 'classification_rows', 'paper_values', 'family_of', 'fidelity_scores', 'write_table',
+           'save_figure', 'runtime_bucket', 'figures_dir', 'register', 'write_index', 'write_manifest', 'Timer']
 
 # %% ../nbs/50_experiment.ipynb #adbefda7
 def _slug(s) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s)).strip("-")
@@ -184,6 +184,48 @@ def paper_values(name: str):
         have = sorted(p.stem for p in (data_dir() / "papers").glob("*.csv"))
         raise ValueError(f"no published table {name!r}; have {have}")
     return pd.read_csv(f)
+
+# %% ../nbs/50_experiment.ipynb #4debae3d
+FALSESENSE_FAMILIES = {"Uninformed": ("fakecam",), "Gradient": ("gradient", "integrated_gradients", "guided_backprop"),
+                       "CAM": ("gradcam", "gradcam_pp", "scorecam"), "Occlusion": ("rise", "lime"), "Learning": ("iba",)}
+FALSESENSE_SALIENCY = {"reduce": "max", "norm": "minmax", "norm_first": True}
+
+def family_of(method: str, families: dict = FALSESENSE_FAMILIES) -> str:
+    "The family a method belongs to in `families` (\"Other\" if none)."
+    return next((f for f, ms in families.items() if method in ms), "Other")
+
+def fidelity_scores(model, data, sal: torch.Tensor, target="label", *, steps: int = 32, batch_size: int = 32,
+                    insertion_baseline="blur", deletion_baseline="zero", monotonicity: bool = True,
+                    features_in_step: int | None = None, nr_samples: int = 10, seed: int = 0,
+                    labels=None) -> dict[str, torch.Tensor]:
+    "Per-image fidelity scores in percent (`AD`, `AI`, `AG`, `I`, `D`, `Monotonicity`, `Completeness`, `p`) of maps `sal [N, H, W]`."
+    from saliency_lab.metrics import curves, fidelity
+    sal = torch.as_tensor(sal)
+    if sal.ndim != 3 or len(sal) != len(data):
+        raise ValueError(f"sal must be [N, H, W] with N = {len(data)} images, got {tuple(sal.shape)}")
+    dev = next(model.parameters()).device
+    out = {k: [] for k in ("AD", "AI", "AG", "I", "D", "Completeness", "p") + (("Monotonicity",) if monotonicity else ())}
+    for idx, xb, yb in image_batches(data, batch_size):
+        xb = xb.to(dev)
+        if labels is not None: yb = torch.as_tensor(labels)[torch.as_tensor(idx)]
+        t = target
+        if isinstance(target, torch.Tensor) and target.ndim == 1: t = target[torch.as_tensor(idx)]
+        t = resolve_target(model, xb, t, labels=None if yb is None else yb.to(dev), batch_size=batch_size)
+        s = sal[idx].to(dev)
+        p, o = fidelity.masked_probabilities(model, xb, s, t, batch_size=batch_size)
+        out["p"].append(100 * p)
+        out["AD"].append(100 * fidelity._drop(p, o)); out["AI"].append(100 * (p < o).to(p.dtype))
+        out["AG"].append(100 * fidelity._gain(p, o))
+        out["I"].append(100 * curves.auc(curves.insertion_curve(model, xb, s, t, steps=steps, baseline=insertion_baseline,
+                                                                batch_size=batch_size, seed=seed)))
+        out["D"].append(100 * curves.auc(curves.deletion_curve(model, xb, s, t, steps=steps, baseline=deletion_baseline,
+                                                               batch_size=batch_size, seed=seed)))
+        out["Completeness"].append(100 * fidelity.completeness(model, xb, s, t, softmax=True, batch_size=batch_size))
+        if monotonicity:
+            fis = features_in_step or max(1, s[0].numel() // 32)
+            out["Monotonicity"].append(fidelity.monotonicity_nguyen(model, xb, s, t, features_in_step=fis,
+                                                                    nr_samples=nr_samples, seed=seed, batch_size=batch_size))
+    return {k: torch.cat(v).detach().cpu().double() for k, v in out.items()}
 
 # %% ../nbs/50_experiment.ipynb #68636e8c
 _TEX_ESC = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$"}
