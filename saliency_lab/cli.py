@@ -14,11 +14,11 @@ __all__ = ['experiment_notebooks', 'strip_timings', 'reproduce', 'explain_file',
 
 # %% ../nbs/90_cli.ipynb #c5be451b
 def experiment_notebooks(only: str | None = None, nbs_dir=None) -> list[Path]:
-    "Experiment notebooks (`nbs/experiments/*.ipynb`) whose name contains `only` (all if `None`)."
+    "Experiment notebooks (`nbs/experiments/*.ipynb`) whose name starts with `only` or, if none does, contains it (all if `None`)."
     d = Path(nbs_dir) if nbs_dir else repo_root() / "nbs" / "experiments"
     nbs = sorted(p for p in d.glob("*.ipynb") if not p.name.startswith(("_", ".")))
     if only:
-        sel = [p for p in nbs if only in p.stem]
+        sel = [p for p in nbs if p.stem.startswith(only)] or [p for p in nbs if only in p.stem]
         if not sel: raise ValueError(f"no experiment matches {only!r}; available: {[p.stem for p in nbs]}")
         return sel
     return nbs
@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("reproduce", help="run the experiment notebooks (papermill) and fill figures/")
     r.add_argument("--profile", default="quick", choices=["quick", "full"])
-    r.add_argument("--only", default=None, help="run only experiments whose name contains this")
+    r.add_argument("--only", default=None, help="run only experiments whose name starts with (else contains) this")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     r.add_argument("--out", default=None, help="figures folder (default: <repo>/figures)")
     r.add_argument("--cache-dir", default=None, help="where saliency maps are cached")

@@ -185,7 +185,7 @@ def paper_values(name: str):
         raise ValueError(f"no published table {name!r}; have {have}")
     return pd.read_csv(f)
 
-# %% ../nbs/50_experiment.ipynb #4debae3d
+# %% ../nbs/50_experiment.ipynb #f6c2eb99
 FALSESENSE_FAMILIES = {"Uninformed": ("fakecam",), "Gradient": ("gradient", "integrated_gradients", "guided_backprop"),
                        "CAM": ("gradcam", "gradcam_pp", "scorecam"), "Occlusion": ("rise", "lime"), "Learning": ("iba",)}
 FALSESENSE_SALIENCY = {"reduce": "max", "norm": "minmax", "norm_first": True}
