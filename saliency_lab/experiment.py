@@ -13,8 +13,9 @@ import torch
 from .core import check_images, repo_root, resolve_target, to_saliency
 
 # %% auto #0
-__all__ = ['FALSESENSE_FAMILIES', 'FALSESENSE_SALIENCY', 'MapCache', 'image_batches', 'compute_maps', 'method_maps',
-           'method_settings', 'classification_rows', 'paper_values', 'family_of', 'fidelity_scores', 'write_table',
+__all__ = ['FALSESENSE_FAMILIES', 'FALSESENSE_SALIENCY', 'COHERENCY_METHODS', 'COHERENCY_SALIENCY', 'COHERENCY_CONFIGS',
+           'MapCache', 'image_batches', 'compute_maps', 'method_maps', 'method_settings', 'classification_rows',
+           'paper_values', 'family_of', 'fidelity_scores', 'cached', 'coherency_scores', 'coherency_run', 'write_table',
            'save_figure', 'runtime_bucket', 'figures_dir', 'register', 'write_index', 'write_manifest', 'Timer']
 
 # %% ../nbs/50_experiment.ipynb #adbefda7
@@ -226,6 +227,74 @@ def fidelity_scores(model, data, sal: torch.Tensor, target="label", *, steps: in
             out["Monotonicity"].append(fidelity.monotonicity_nguyen(model, xb, s, t, features_in_step=fis,
                                                                     nr_samples=nr_samples, seed=seed, batch_size=batch_size))
     return {k: torch.cat(v).detach().cpu().double() for k, v in out.items()}
+
+# %% ../nbs/50_experiment.ipynb #de83457e
+def cached(cache_dir, key: dict, compute, name: str = "scores"):
+    "`compute()` once per `key`: the result is stored in `<cache_dir>/<name>/<hash>.pt` and read back on later calls."
+    h = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    f = Path(cache_dir) / name / f"{h}.pt"
+    if f.exists(): return torch.load(f)
+    out = compute()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp"); torch.save(out, tmp); os.replace(tmp, f)
+    return out
+
+# %% ../nbs/50_experiment.ipynb #845a26e5
+COHERENCY_METHODS = ("gradcam", "integrated_gradients", "lrp", "occlusion", "rise", "smoothgrad")
+COHERENCY_SALIENCY = {"reduce": "sum", "norm": "minmax", "positive": True}
+COHERENCY_CONFIGS = tuple(f"{b}+{o}" for o in ("pixel", "region") for b in ("mean", "uniform", "blur"))
+
+def coherency_scores(model, data, sal: torch.Tensor, target="label", *, steps: int = 16, uniform_seeds: int = 5,
+                     region: int = 9, configs=COHERENCY_CONFIGS, batch_size: int = 32, curve_batch: int = 512,
+                     seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    "Per-image `AD` (percent), `PG` (1/0/NaN), `p` and the insertion/deletion curves `[N, steps+1]` of each configuration."
+    from saliency_lab.data import load_batch
+    from saliency_lab.metrics import curves, fidelity, localization
+    sal = torch.as_tensor(sal)
+    if sal.ndim != 3 or len(sal) != len(data):
+        raise ValueError(f"sal must be [N, H, W] with N = {len(data)} images, got {tuple(sal.shape)}")
+    bad = [c for c in configs if c not in COHERENCY_CONFIGS]
+    if bad: raise ValueError(f"unknown configurations {bad}; use some of {COHERENCY_CONFIGS}")
+    if isinstance(uniform_seeds, bool) or not isinstance(uniform_seeds, int) or uniform_seeds < 1:
+        raise ValueError(f"uniform_seeds must be a positive integer, got {uniform_seeds!r}")
+    dev = next(model.parameters()).device
+    keys = [f"{k} {c}" for k in ("insertion", "deletion") for c in configs]
+    out = {k: [] for k in ("AD", "PG", "p", *keys)}
+    from tqdm.auto import tqdm
+    for i in tqdm(range(0, len(data), batch_size), desc="coherency scores", disable=not progress, leave=False):
+        idx = np.arange(i, min(i + batch_size, len(data)))
+        xb, yb, metas = load_batch(data, idx) if not isinstance(data, torch.Tensor) else (data[idx], None, None)
+        xb = xb.to(dev)
+        t = resolve_target(model, xb, target, labels=None if yb is None else yb.to(dev), batch_size=batch_size)
+        s = sal[idx].to(dev)
+        p, o = fidelity.masked_probabilities(model, xb, s, t, batch_size=batch_size)
+        out["p"].append(p); out["AD"].append(100 * fidelity._drop(p, o))
+        boxes = [m.get("boxes") for m in metas] if metas else None
+        if boxes is None or any(b is None for b in boxes): out["PG"].append(torch.full_like(p, float("nan")))
+        else: out["PG"].append(localization.pointing_game(s, boxes=[b.to(dev) for b in boxes]).to(p.dtype))
+        for kind, fn in (("insertion", curves.insertion_curve), ("deletion", curves.deletion_curve)):
+            for c in configs:
+                base, order = c.split("+")
+                runs = [fn(model, xb, s, t, steps=steps, baseline=base, order=order, region=region,
+                           batch_size=curve_batch, seed=seed + r)
+                        for r in range(uniform_seeds if base == "uniform" else 1)]
+                out[f"{kind} {c}"].append(torch.stack(runs).mean(0))
+    return {k: torch.cat(v).detach().cpu().double() for k, v in out.items()}
+
+def coherency_run(model, model_name: str, method: str, data, target="label", *, cache_dir, steps: int = 16,
+                  uniform_seeds: int = 5, batch_size: int = 32, curve_batch: int = 512, seed: int = 0,
+                  method_kw: dict | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    "Cached maps `[N, H, W]` of `method` (post-processed with `COHERENCY_SALIENCY`) and their cached `coherency_scores`."
+    sal, _ = method_maps(model, model_name, method, data, target, cache_dir=cache_dir, batch_size=batch_size,
+                         method_kw=method_kw, saliency=COHERENCY_SALIENCY, key={"seed": seed}, progress=progress)
+    desc = {k: getattr(data, k) for k in ("kind", "split", "size", "seed", "subset", "root")
+            if isinstance(getattr(data, k, None), (str, int, float, type(None))) and hasattr(data, k)}
+    key = {"what": "coherency_scores", "data": desc, "n": len(data), "model": model_name, "method": method,
+           "target": target, "method_kw": method_kw, "steps": steps, "uniform_seeds": uniform_seeds, "seed": seed}
+    scores = cached(cache_dir, key, lambda: coherency_scores(model, data, sal, target, steps=steps,
+                    uniform_seeds=uniform_seeds, batch_size=batch_size, curve_batch=curve_batch, seed=seed,
+                    progress=progress))
+    return sal, scores
 
 # %% ../nbs/50_experiment.ipynb #68636e8c
 _TEX_ESC = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$"}
