@@ -15,8 +15,9 @@ from .core import check_images, repo_root, resolve_target, to_saliency
 # %% auto #0
 __all__ = ['FALSESENSE_FAMILIES', 'FALSESENSE_SALIENCY', 'COHERENCY_METHODS', 'COHERENCY_SALIENCY', 'COHERENCY_CONFIGS',
            'MapCache', 'image_batches', 'compute_maps', 'method_maps', 'method_settings', 'classification_rows',
-           'paper_values', 'family_of', 'fidelity_scores', 'cached', 'coherency_scores', 'coherency_run', 'write_table',
-           'save_figure', 'runtime_bucket', 'figures_dir', 'register', 'write_index', 'write_manifest', 'Timer']
+           'paper_values', 'family_of', 'fidelity_scores', 'cached', 'coherency_scores', 'coherency_run',
+           'coherency_setting', 'write_table', 'save_figure', 'runtime_bucket', 'figures_dir', 'register',
+           'write_index', 'write_manifest', 'Timer']
 
 # %% ../nbs/50_experiment.ipynb #adbefda7
 def _slug(s) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s)).strip("-")
@@ -295,6 +296,32 @@ def coherency_run(model, model_name: str, method: str, data, target="label", *, 
                     uniform_seeds=uniform_seeds, batch_size=batch_size, curve_batch=curve_batch, seed=seed,
                     progress=progress))
     return sal, scores
+
+# %% ../nbs/50_experiment.ipynb #07ed5294
+def coherency_setting(profile: str = "quick", dataset=None, model_names=None, methods=None, n_images=None, steps=None,
+                      batch_size=None, curve_batch=None, explain_batch=None, data_root=None, seed: int = 0) -> dict:
+    "The resolved settings of the coherency (002) notebooks: `ds`, `model_names`, `methods`, `steps`, chunk sizes, `method_kw`."
+    from saliency_lab.data import load_dataset
+    from saliency_lab.methods import METHODS
+    if profile not in ("quick", "full"): raise ValueError(f"profile must be 'quick' or 'full', got {profile!r}")
+    quick = profile == "quick"
+    dataset = dataset or ("shapes" if quick else "imagenet")
+    model_names = list(model_names or (["shapes/resnet_s", "shapes/vgg_s"] if quick else ["resnet50", "vgg16"]))
+    methods = list(methods or COHERENCY_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown: raise ValueError(f"methods not in the registry: {unknown}")
+    curve_batch = int(curve_batch or (512 if quick else 256))
+    explain_batch = int(explain_batch or curve_batch)
+    method_kw = {"rise": {"n_masks": 1000 if quick else 4000}}
+    for m in ("rise", "occlusion", "integrated_gradients", "smoothgrad"):
+        method_kw[m] = {**method_kw.get(m, {}), "batch_size": explain_batch}
+    n_images = n_images if n_images is not None else (64 if quick else None)
+    ds = load_dataset(dataset, root=data_root, split="val", n=n_images, seed=seed,
+                      **({"subset": "coherency100"} if dataset == "imagenet" else {}))
+    return {"quick": quick, "dataset": dataset, "ds": ds, "model_names": model_names, "methods": methods,
+            "steps": int(steps or (16 if quick else 224)), "batch_size": int(batch_size or (32 if quick else 16)),
+            "curve_batch": curve_batch, "explain_batch": explain_batch, "method_kw": method_kw,
+            "paper_model": dict(zip(model_names, ["resnet50", "vgg16"]))}
 
 # %% ../nbs/50_experiment.ipynb #68636e8c
 _TEX_ESC = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$"}
