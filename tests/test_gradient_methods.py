@@ -38,12 +38,16 @@ def test_simple_methods_equal_captum(fixture, request, shapes_batch):
 @pytest.mark.parametrize("fixture", ["resnet18", "embedded"])
 def test_integrated_gradients_equal_captum(rule, fixture, request, shapes_batch):
     from captum.attr import IntegratedGradients
+    import copy
     model = _model(request, fixture)
     x, y, _ = shapes_batch
     x, y = x[:4], y[:4]
     # a constant grey baseline would put the path through exact max-pool ties, where one ulp of α
-    # (float32 nodes in Captum, float64 here) changes the routing: use a random baseline image instead
-    noise = torch.rand(1, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    # (float32 nodes in Captum, float64 here) changes the routing: use a random baseline image instead.
+    # In float32 even a random baseline can meet a near-tie on some CPUs (one pixel off by 0.4 % of the
+    # map's range), so both run in float64, where the α nodes differ by 1e-8 and no tie is hit
+    model, x = copy.deepcopy(model).double(), x.double()
+    noise = torch.rand(1, *x.shape[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for baseline in (None, noise):
         ours = methods.create("integrated_gradients", model, steps=16, method=rule, baseline=baseline, batch_size=7)(x, y)
         ref = IntegratedGradients(model).attribute(x, baselines=0.0 if baseline is None else baseline.expand_as(x), target=y,
