@@ -14,10 +14,12 @@ from .core import check_images, repo_root, resolve_target, to_saliency
 
 # %% auto #0
 __all__ = ['FALSESENSE_FAMILIES', 'FALSESENSE_SALIENCY', 'COHERENCY_METHODS', 'COHERENCY_SALIENCY', 'COHERENCY_CONFIGS',
-           'MapCache', 'image_batches', 'compute_maps', 'method_maps', 'method_settings', 'classification_rows',
-           'paper_values', 'family_of', 'fidelity_scores', 'cached', 'coherency_scores', 'coherency_run',
-           'coherency_setting', 'write_table', 'save_figure', 'runtime_bucket', 'figures_dir', 'register',
-           'write_index', 'write_manifest', 'Timer']
+           'PLAUSIBILITY_PAPER_MODELS', 'PLAUSIBILITY_STANDARD', 'PLAUSIBILITY_SMOOTHING', 'PLAUSIBILITY_ENSEMBLES',
+           'PLAUSIBILITY_EXPLAINERS', 'PLAUSIBILITY_HOWS', 'MapCache', 'image_batches', 'compute_maps', 'method_maps',
+           'method_settings', 'classification_rows', 'paper_values', 'family_of', 'fidelity_scores', 'cached',
+           'coherency_scores', 'coherency_run', 'coherency_setting', 'plausibility_setting', 'pgd_grid',
+           'plausibility_attack', 'fixed_segmentation', 'plausibility_scores', 'write_table', 'save_figure',
+           'runtime_bucket', 'figures_dir', 'register', 'write_index', 'write_manifest', 'Timer']
 
 # %% ../nbs/50_experiment.ipynb #adbefda7
 def _slug(s) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s)).strip("-")
@@ -322,6 +324,158 @@ def coherency_setting(profile: str = "quick", dataset=None, model_names=None, me
             "steps": int(steps or (16 if quick else 224)), "batch_size": int(batch_size or (32 if quick else 16)),
             "curve_batch": curve_batch, "explain_batch": explain_batch, "method_kw": method_kw,
             "paper_model": dict(zip(model_names, ["resnet50", "vgg16"]))}
+
+# %% ../nbs/50_experiment.ipynb #811fcb11
+PLAUSIBILITY_PAPER_MODELS = ("alexnet", "vgg16", "resnet50", "densenet161", "inception_v3")
+PLAUSIBILITY_STANDARD = {"LIME": "lime", "IG": "integrated_gradients", "Sal": "gradient", "GBP": "guided_backprop"}
+PLAUSIBILITY_SMOOTHING = {"SG": "smoothgrad", "SG²": "smoothgrad_sq", "VG": "vargrad"}
+PLAUSIBILITY_ENSEMBLES = tuple(f"{b}-{s}" for s in PLAUSIBILITY_SMOOTHING for b in ("IG", "Sal", "GBP"))
+PLAUSIBILITY_EXPLAINERS = (*PLAUSIBILITY_STANDARD, *PLAUSIBILITY_ENSEMBLES)
+PLAUSIBILITY_HOWS = ("mean", "mean_abs", "mean_pos")
+
+def plausibility_setting(profile: str = "quick", dataset=None, model_names=None, n_images=None, n_explain=None,
+                         n_recovery=None, n_grid=None, ig_steps=None, batch_size=None, explain_batch=None,
+                         data_root=None, seed: int = 0) -> dict:
+    "The resolved settings of the plausibility (004 §6) notebooks: data per model, the models, image counts, explainer settings."
+    from saliency_lab.data import load_dataset
+    if profile not in ("quick", "full"): raise ValueError(f"profile must be 'quick' or 'full', got {profile!r}")
+    quick = profile == "quick"
+    dataset = dataset or ("shapes" if quick else "imagenet")
+    model_names = list(model_names or (["shapes/vgg_s", "shapes/resnet_s", "shapes/dense_s"] if quick
+                                       else list(PLAUSIBILITY_PAPER_MODELS)))
+    if not model_names: raise ValueError("model_names is empty")
+    n_images = n_images if n_images is not None else (512 if quick else None)      # Table 1: all 50,000 in full
+    data = {}
+    for m in model_names:
+        size = 299 if m == "inception_v3" else None
+        data[m] = load_dataset(dataset, root=data_root, split="val", n=n_images, seed=seed,
+                               **({"size": size} if size else {}))
+    n_all = len(next(iter(data.values())))
+    return {"quick": quick, "dataset": dataset, "data": data, "model_names": model_names,
+            "n_explain": int(n_explain or (64 if quick else max(1, n_all // 10))),      # 004: 10 % of the adversaries
+            "n_recovery": int(n_recovery or (32 if quick else max(1, n_all // 10))),
+            "n_grid": int(n_grid or (32 if quick else 500)), "ig_steps": int(ig_steps or (16 if quick else 50)),
+            "batch_size": int(batch_size or (64 if quick else 32)),
+            "explain_batch": int(explain_batch or (512 if quick else 128)),
+            "paper_model": dict(zip(model_names, ["VGG16", "ResNet-50", "DenseNet161"] if quick
+                                    else ["AlexNet", "VGG16", "ResNet-50", "DenseNet161", "Inception v3"]))}
+
+def _model_std(model) -> torch.Tensor:
+    std = getattr(model, "std", None)
+    return (std.flatten().detach().cpu().double() if isinstance(std, torch.Tensor)
+            else torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64))
+
+def pgd_grid(model, x: torch.Tensor, eps_grid, step_grid, *, steps: int = 100, seed: int = 0,
+             batch_size: int = 64, progress: bool = False):
+    "004 §3's grid search for targeted PGD: success count and perturbation size per (ε, η), in the model's normalised units; `chosen` marks the pick."
+    import pandas as pd
+    from saliency_lab import attacks
+    std = _model_std(model)
+    rows = []
+    for e in eps_grid:
+        for s in step_grid:
+            if s > e: continue
+            r = attacks.pgd(model, x, "random", eps=tuple(float(e) * std), step=tuple(float(s) * std), steps=steps,
+                            seed=seed, batch_size=batch_size)
+            d = (r.x_adv - x).flatten(1).double()
+            ok = r.success.cpu()
+            rows.append({"eps": float(e), "step": float(s), "n": len(x), "successes": int(ok.sum()),
+                         "L2 (successful)": float(d[ok].norm(dim=1).mean()) if ok.any() else float("nan"),
+                         "iterations": float(r.iterations.double().mean())})
+    if not rows: raise ValueError("no (eps, step) pair with step ≤ eps in the grid")
+    df = pd.DataFrame(rows)
+    best = df[df.successes == df.successes.max()]
+    df["chosen"] = False
+    df.loc[best["L2 (successful)"].fillna(np.inf).idxmin(), "chosen"] = True
+    return df
+
+def plausibility_attack(model, model_name: str, data, eps, step, *, cache_dir, n_explain: int = 64, steps: int = 100,
+                        seed: int = 0, batch_size: int = 64, progress: bool = False) -> dict:
+    "Targeted PGD (random target ≠ clean prediction, 004 eq. 7) on every image of `data`, cached; keeps the first `n_explain` successful adversaries."
+    from saliency_lab import attacks
+    from saliency_lab.core import predict
+    from saliency_lab.data import load_batch
+    desc = {k: getattr(data, k) for k in ("kind", "split", "size", "seed", "root")
+            if isinstance(getattr(data, k, None), (str, int, float, type(None))) and hasattr(data, k)}
+    key = {"what": "plausibility_attack", "data": desc, "n": len(data), "model": model_name, "eps": float(eps),
+           "step": float(step), "steps": int(steps), "seed": seed, "n_explain": int(n_explain)}
+    def compute():
+        std = _model_std(model)
+        dev = next(model.parameters()).device
+        out = {k: [] for k in ("label", "pred", "adv_pred", "target", "success", "iterations", "l2", "linf")}
+        keep_x, keep_adv, keep_idx = [], [], []
+        from tqdm.auto import tqdm
+        for i in tqdm(range(0, len(data), batch_size), desc=f"PGD {model_name}", disable=not progress, leave=False):
+            idx = np.arange(i, min(i + batch_size, len(data)))
+            xb, yb, _ = load_batch(data, idx)
+            xb = xb.to(dev)
+            r = attacks.pgd(model, xb, "random", eps=tuple(float(eps) * std), step=tuple(float(step) * std),
+                            steps=steps, seed=seed, batch_size=batch_size)
+            pred = predict(model, xb, batch_size=batch_size).argmax(1)
+            d = (r.x_adv - xb).flatten(1).double()
+            for k, v in (("label", yb), ("pred", pred), ("adv_pred", r.pred), ("target", r.target),
+                         ("success", r.success), ("iterations", r.iterations), ("l2", d.norm(dim=1)),
+                         ("linf", d.abs().amax(1))):
+                out[k].append(torch.as_tensor(v).cpu())
+            need = n_explain - sum(len(k) for k in keep_idx)
+            if need > 0:
+                ok = r.success.cpu().nonzero()[:, 0][:need]
+                keep_idx.append(torch.as_tensor(idx)[ok]); keep_x.append(xb[ok].cpu()); keep_adv.append(r.x_adv[ok].cpu())
+        res = {k: torch.cat(v) for k, v in out.items()}
+        res.update(explain_idx=torch.cat(keep_idx) if keep_idx else torch.zeros(0, dtype=torch.long),
+                   x=torch.cat(keep_x) if keep_x else None, x_adv=torch.cat(keep_adv) if keep_adv else None,
+                   eps=float(eps), step=float(step))
+        return res
+    return cached(cache_dir, key, compute, name="attacks")
+
+def fixed_segmentation(images: torch.Tensor, segments: torch.Tensor):
+    "A segmentation callable for `LIME` that returns the given `segments` of each of `images` (looked up by the image's bytes)."
+    look = {hashlib.sha1(im.detach().cpu().float().numpy().tobytes()).hexdigest(): s for im, s in zip(images, segments.cpu())}
+    def seg(xb):
+        try: return torch.stack([look[hashlib.sha1(im.detach().cpu().float().numpy().tobytes()).hexdigest()]
+                                 for im in xb]).to(xb.device)
+        except KeyError: raise ValueError("fixed_segmentation got an image it has no segments for") from None
+    return seg
+
+def plausibility_scores(model, x: torch.Tensor, segmentations: dict, target, *, explainers=PLAUSIBILITY_EXPLAINERS,
+                        hows=PLAUSIBILITY_HOWS, ig_steps: int = 50, n_samples: int = 25, sigma: float = 0.15,
+                        lime_samples: int = 512, batch_size: int = 512, seed: int = 0, progress: bool = False) -> dict:
+    "Segment scores `{(explainer, segmentation, how): [B, K]}` of 004's explainers on images `x` for `target` `[B]`."
+    from saliency_lab.methods import METHODS
+    from saliency_lab.methods.gradient import ensemble_maps
+    from saliency_lab import segments as seg
+    bad = [e for e in explainers if e not in PLAUSIBILITY_EXPLAINERS]
+    if bad: raise ValueError(f"unknown explainers {bad}; use some of {PLAUSIBILITY_EXPLAINERS}")
+    target = torch.as_tensor(target, device=x.device)
+    base_kw = {"integrated_gradients": {"steps": int(ig_steps)}}
+    attrs = {}
+    from tqdm.auto import tqdm
+    todo = [e for e in explainers if e != "LIME" and "-" not in e]
+    todo += sorted({e.split("-")[0] for e in explainers if "-" in e}, key=["IG", "Sal", "GBP"].index)
+    for e in tqdm(todo, desc="explainers", disable=not progress, leave=False):
+        name = PLAUSIBILITY_STANDARD[e]
+        if e in explainers:
+            attrs[e] = METHODS[name](model, batch_size=batch_size, **base_kw.get(name, {}))(x, target)
+        ens = [f"{e}-{s}" for s in PLAUSIBILITY_SMOOTHING if f"{e}-{s}" in explainers]
+        if ens:
+            maps = ensemble_maps(model, x, target, base=name, n_samples=n_samples, sigma=sigma, seed=seed,
+                                 batch_size=batch_size, base_kw=base_kw.get(name))
+            for s, m in PLAUSIBILITY_SMOOTHING.items():
+                if f"{e}-{s}" in explainers: attrs[f"{e}-{s}"] = maps[m]
+    out = {}
+    K = max(int(s.max()) + 1 for s in segmentations.values())
+    for sname, segs in segmentations.items():
+        segs = seg.check_segments(segs, x).to(x.device)
+        a_s = dict(attrs)
+        if "LIME" in explainers:
+            lime = METHODS["lime"](model, segmentation=fixed_segmentation(x, segs), n_samples=lime_samples,
+                                   kernel_width=0.25, seed=seed, batch_size=batch_size)
+            a_s["LIME"] = lime(x, target)
+        for e in explainers:
+            for h in hows:
+                sc = seg.aggregate(a_s[e], segs, h, n_segments=K).float().cpu()
+                out[e, sname, h] = sc
+    return out
 
 # %% ../nbs/50_experiment.ipynb #68636e8c
 _TEX_ESC = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$"}

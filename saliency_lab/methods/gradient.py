@@ -9,13 +9,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import chunks, make_generator, predict, shared_noise
+from ..core import (batched, check_images, check_model, chunks, make_generator, model_device, predict,
+                               resolve_target, shared_noise)
 from .base import METHODS, Explainer, register, target_scores
 
 # %% auto #0
-__all__ = ['OTHER_ACTIVATIONS', 'IG_METHODS', 'ENSEMBLE_BASES', 'input_gradient', 'gradients_at', 'Gradient', 'InputXGradient',
-           'relu_override', 'GuidedBackprop', 'DeconvNet', 'quadrature', 'make_baseline', 'accumulate_gradients',
-           'IntegratedGradients', 'completeness_gap', 'GradientSHAP', 'SmoothGrad', 'SmoothGradSq', 'VarGrad']
+__all__ = ['OTHER_ACTIVATIONS', 'IG_METHODS', 'ENSEMBLE_BASES', 'ENSEMBLES', 'input_gradient', 'gradients_at', 'Gradient',
+           'InputXGradient', 'relu_override', 'GuidedBackprop', 'DeconvNet', 'quadrature', 'make_baseline',
+           'accumulate_gradients', 'IntegratedGradients', 'completeness_gap', 'GradientSHAP', 'SmoothGrad',
+           'SmoothGradSq', 'VarGrad', 'ensemble_maps']
 
 # %% ../../nbs/10_methods_gradient.ipynb #7573257c
 def input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -228,19 +230,23 @@ class _Ensemble(Explainer):
         scale = self.sigma * ((x.flatten(1).amax(1) - x.flatten(1).amin(1)) if self.relative
                               else torch.ones(len(x), device=x.device, dtype=x.dtype))
         return z[None] * scale.view(-1, 1, 1, 1, 1)
-    def attribute(self, x, target):
+    def moments(self, x, target, second: bool = True):
+        "First and (if `second`) second moment `[b, C, H, W]` of the base attributions over the noisy copies."
         B, n = len(x), self.n_samples
         eps = self.noise(x)
-        s1, s2 = torch.zeros_like(x), torch.zeros_like(x)
+        s1, s2 = torch.zeros_like(x), (torch.zeros_like(x) if second else None)
         flat = torch.arange(B * n, device=x.device)
         for s in chunks(B * n, self.batch_size):
             i, k = flat[s] // n, flat[s] % n
             a = self.base.attribute(x[i] + eps[i, k], target[i])
             s1.index_add_(0, i, a)
-            if self.reduce != "mean": s2.index_add_(0, i, a * a)
-        if self.reduce == "mean": return s1 / n
-        if self.reduce == "mean_sq": return s2 / n
-        return s2 / n - (s1 / n) ** 2
+            if second: s2.index_add_(0, i, a * a)
+        return s1 / n, (s2 / n if second else None)
+    def attribute(self, x, target):
+        m1, m2 = self.moments(x, target, second=self.reduce != "mean")
+        if self.reduce == "mean": return m1
+        if self.reduce == "mean_sq": return m2
+        return m2 - m1 ** 2
 
 @register("smoothgrad")
 class SmoothGrad(_Ensemble):
@@ -256,3 +262,16 @@ class SmoothGradSq(_Ensemble):
 class VarGrad(_Ensemble):
     "VarGrad (Adebayo et al.): variance of the base attributions over noisy copies."
     reduce = "var"
+
+ENSEMBLES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+def ensemble_maps(model, x: torch.Tensor, target="pred", base: str = "gradient", labels=None, **kw) -> dict:
+    "SmoothGrad, SmoothGrad² and VarGrad of `base` from one set of noisy copies: `{name: [B, C, H, W]}` (each equals its registered method with the same `kw`)."
+    sg = SmoothGrad(model, base=base, **kw)
+    check_images(x); check_model(model)
+    dev = model_device(model)
+    t = resolve_target(model, x, target, labels=labels, batch_size=sg.batch_size)
+    both = batched(lambda xb, tb: torch.stack(sg.moments(xb.to(dev), tb.to(dev))).detach().to(x.device).transpose(0, 1),
+                   x, t, batch_size=sg.batch_size)                               # [B, 2, C, H, W]
+    m1, m2 = both[:, 0], both[:, 1]
+    return {"smoothgrad": m1, "smoothgrad_sq": m2, "vargrad": m2 - m1 ** 2}

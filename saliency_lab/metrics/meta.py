@@ -236,14 +236,26 @@ def _order(scores: torch.Tensor) -> torch.Tensor:
 def _labels(model, xs, batch_size):
     return predict(model, xs, batch_size=batch_size).argmax(1)
 
+def _segment_scores(scores, segs, explainer, attr, what):
+    "Validated per-segment scores `[B, K]` given instead of an explainer or an attribution."
+    if explainer is not None or attr is not None: raise ValueError("give one of explainer, attr or scores")
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.shape[0] != segs.shape[0] \
+            or scores.shape[1] <= int(segs.max()) or not scores.is_floating_point():
+        raise ValueError(f"scores must be float segment scores of {what}, [B, K] with B={segs.shape[0]} and "
+                         f"K > {int(segs.max())} (the largest label), got "
+                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+    return scores.to(segs.device)
+
 def label_flip_rate(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, segments: torch.Tensor, k=3, *,
                     explainer=None, attr: torch.Tensor | None = None, how: str = "mean_abs", target="pred",
-                    flip: str = "original", batch_size: int = 64) -> torch.Tensor:
+                    flip: str = "original", scores: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
     "Per image: does adding the perturbation on the explainer's top-k segments only flip the label? `[B]` (or `[B, len(k)]`), NaN if the attack failed (004)."
     segs = _pair(model, x, x_adv, segments)
     if flip not in FLIPS: raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
     ks, scalar = _ks(k)
-    if isinstance(explainer, str):
+    if scores is not None:
+        order = _order(_segment_scores(scores, segs, explainer, attr, "x_adv"))
+    elif isinstance(explainer, str):
         if explainer != "norm": raise ValueError(f"explainer must be a callable or 'norm', got {explainer!r}")
         if attr is not None: raise ValueError("give either explainer or attr, not both")
         order = seg.norm_ranking(x, x_adv, segs)
@@ -271,7 +283,8 @@ def label_flip_rate(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, segm
 
 def segment_recovery(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, segments: torch.Tensor, k: int = 3, *,
                      explainer: Callable | None = None, attr: torch.Tensor | None = None, how: str = "mean_abs",
-                     target="pred", require_flip: bool = True, batch_size: int = 64) -> torch.Tensor:
+                     target="pred", require_flip: bool = True, scores: torch.Tensor | None = None,
+                     batch_size: int = 64) -> torch.Tensor:
     "Fraction of the k perturbed segments (largest-norm, `segments.localize`) among the explainer's top-k on the refined adversary, `[B]` (004)."
     segs = _pair(model, x, x_adv, segments)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -279,8 +292,12 @@ def segment_recovery(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, seg
     if isinstance(explainer, str):
         raise ValueError("segment_recovery needs an explainer (the norm baseline recovers the norm-localised segments trivially)")
     x_loc, true_ids = seg.localize(x, x_adv, segs, int(k), return_ids=True)
-    a = _attribution(model, x_loc, explainer, attr, target, batch_size, "the refined adversary segments.localize(x, x_adv, segments, k)")
-    top = seg.top_k_segments(seg.aggregate(a.to(x.device), segs, how, n_segments=int(segs.max()) + 1), int(k))
+    what = "the refined adversary segments.localize(x, x_adv, segments, k)"
+    if scores is not None: sc = _segment_scores(scores, segs, explainer, attr, what)[:, :int(segs.max()) + 1]
+    else:
+        a = _attribution(model, x_loc, explainer, attr, target, batch_size, what)
+        sc = seg.aggregate(a.to(x.device), segs, how, n_segments=int(segs.max()) + 1)
+    top = seg.top_k_segments(sc, int(k))
     hit = (top[:, :, None] == true_ids[:, None, :]).any(2).sum(1)
     out = hit.to(torch.float32 if x.dtype != torch.float64 else torch.float64) / int(k)
     if require_flip:
