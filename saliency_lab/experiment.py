@@ -15,11 +15,12 @@ from .core import check_images, repo_root, resolve_target, to_saliency
 # %% auto #0
 __all__ = ['FALSESENSE_FAMILIES', 'FALSESENSE_SALIENCY', 'COHERENCY_METHODS', 'COHERENCY_SALIENCY', 'COHERENCY_CONFIGS',
            'PLAUSIBILITY_PAPER_MODELS', 'PLAUSIBILITY_STANDARD', 'PLAUSIBILITY_SMOOTHING', 'PLAUSIBILITY_ENSEMBLES',
-           'PLAUSIBILITY_EXPLAINERS', 'PLAUSIBILITY_HOWS', 'MapCache', 'image_batches', 'compute_maps', 'method_maps',
-           'method_settings', 'classification_rows', 'paper_values', 'family_of', 'fidelity_scores', 'cached',
-           'coherency_scores', 'coherency_run', 'coherency_setting', 'plausibility_setting', 'pgd_grid',
-           'plausibility_attack', 'fixed_segmentation', 'plausibility_scores', 'write_table', 'save_figure',
-           'runtime_bucket', 'figures_dir', 'register', 'write_index', 'write_manifest', 'Timer']
+           'PLAUSIBILITY_EXPLAINERS', 'PLAUSIBILITY_HOWS', 'PGD_EPS_GRID', 'PGD_STEP_GRID', 'MapCache', 'image_batches',
+           'compute_maps', 'method_maps', 'method_settings', 'classification_rows', 'paper_values', 'family_of',
+           'fidelity_scores', 'cached', 'coherency_scores', 'coherency_run', 'coherency_setting',
+           'plausibility_setting', 'pgd_grid', 'plausibility_attack', 'fixed_segmentation', 'plausibility_scores',
+           'plausibility_adversaries', 'write_table', 'save_figure', 'runtime_bucket', 'figures_dir', 'register',
+           'write_index', 'write_manifest', 'Timer']
 
 # %% ../nbs/50_experiment.ipynb #adbefda7
 def _slug(s) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s)).strip("-")
@@ -332,6 +333,7 @@ PLAUSIBILITY_SMOOTHING = {"SG": "smoothgrad", "SG²": "smoothgrad_sq", "VG": "va
 PLAUSIBILITY_ENSEMBLES = tuple(f"{b}-{s}" for s in PLAUSIBILITY_SMOOTHING for b in ("IG", "Sal", "GBP"))
 PLAUSIBILITY_EXPLAINERS = (*PLAUSIBILITY_STANDARD, *PLAUSIBILITY_ENSEMBLES)
 PLAUSIBILITY_HOWS = ("mean", "mean_abs", "mean_pos")
+PGD_EPS_GRID, PGD_STEP_GRID = (0.02, 0.05, 0.1, 0.2), (0.005, 0.01, 0.02)   # the quick profile's grid (normalised units)
 
 def plausibility_setting(profile: str = "quick", dataset=None, model_names=None, n_images=None, n_explain=None,
                          n_recovery=None, n_grid=None, ig_steps=None, batch_size=None, explain_batch=None,
@@ -353,7 +355,7 @@ def plausibility_setting(profile: str = "quick", dataset=None, model_names=None,
     n_all = len(next(iter(data.values())))
     return {"quick": quick, "dataset": dataset, "data": data, "model_names": model_names,
             "n_explain": int(n_explain or (64 if quick else max(1, n_all // 10))),      # 004: 10 % of the adversaries
-            "n_recovery": int(n_recovery or (32 if quick else max(1, n_all // 10))),
+            "n_recovery": int(n_recovery or (192 if quick else max(1, n_all // 10))),
             "n_grid": int(n_grid or (32 if quick else 500)), "ig_steps": int(ig_steps or (16 if quick else 50)),
             "batch_size": int(batch_size or (64 if quick else 32)),
             "explain_batch": int(explain_batch or (512 if quick else 128)),
@@ -389,16 +391,16 @@ def pgd_grid(model, x: torch.Tensor, eps_grid, step_grid, *, steps: int = 100, s
     df.loc[best["L2 (successful)"].fillna(np.inf).idxmin(), "chosen"] = True
     return df
 
-def plausibility_attack(model, model_name: str, data, eps, step, *, cache_dir, n_explain: int = 64, steps: int = 100,
+def plausibility_attack(model, model_name: str, data, eps, step, *, cache_dir, n_keep: int = 64, steps: int = 100,
                         seed: int = 0, batch_size: int = 64, progress: bool = False) -> dict:
-    "Targeted PGD (random target ≠ clean prediction, 004 eq. 7) on every image of `data`, cached; keeps the first `n_explain` successful adversaries."
+    "Targeted PGD (random target ≠ clean prediction, 004 eq. 7) on every image of `data`, cached; keeps the first `n_keep` successful adversaries."
     from saliency_lab import attacks
     from saliency_lab.core import predict
     from saliency_lab.data import load_batch
     desc = {k: getattr(data, k) for k in ("kind", "split", "size", "seed", "root")
             if isinstance(getattr(data, k, None), (str, int, float, type(None))) and hasattr(data, k)}
     key = {"what": "plausibility_attack", "data": desc, "n": len(data), "model": model_name, "eps": float(eps),
-           "step": float(step), "steps": int(steps), "seed": seed, "n_explain": int(n_explain)}
+           "step": float(step), "steps": int(steps), "seed": seed, "n_keep": int(n_keep)}
     def compute():
         std = _model_std(model)
         dev = next(model.parameters()).device
@@ -417,7 +419,7 @@ def plausibility_attack(model, model_name: str, data, eps, step, *, cache_dir, n
                          ("success", r.success), ("iterations", r.iterations), ("l2", d.norm(dim=1)),
                          ("linf", d.abs().amax(1))):
                 out[k].append(torch.as_tensor(v).cpu())
-            need = n_explain - sum(len(k) for k in keep_idx)
+            need = n_keep - sum(len(k) for k in keep_idx)
             if need > 0:
                 ok = r.success.cpu().nonzero()[:, 0][:need]
                 keep_idx.append(torch.as_tensor(idx)[ok]); keep_x.append(xb[ok].cpu()); keep_adv.append(r.x_adv[ok].cpu())
@@ -476,6 +478,32 @@ def plausibility_scores(model, x: torch.Tensor, segmentations: dict, target, *, 
                 sc = seg.aggregate(a_s[e], segs, h, n_segments=K).float().cpu()
                 out[e, sname, h] = sc
     return out
+
+def plausibility_adversaries(S: dict, model, model_name: str, *, cache_dir, grid_search: bool | None = None,
+                             eps_grid=PGD_EPS_GRID, step_grid=PGD_STEP_GRID, steps: int = 100, seed: int = 0,
+                             progress: bool = False) -> tuple:
+    "`(grid, attack)` of one model (the attack keeps enough adversaries for `n_explain` and `n_recovery`): the cached grid search (`None` with `grid_search=False`: 004 Table 4's preset) and the cached `plausibility_attack` at the chosen (ε, η)."
+    from saliency_lab.attacks import PGD_PRESETS
+    from saliency_lab.data import load_batch
+    data = S["data"][model_name]
+    grid_search = S["quick"] if grid_search is None else bool(grid_search)
+    if grid_search:
+        n = min(S["n_grid"], len(data))
+        key = {"what": "pgd_grid", "model": model_name, "data": getattr(data, "kind", None), "n": n,
+               "eps": [float(e) for e in eps_grid], "step": [float(s) for s in step_grid], "steps": int(steps), "seed": seed}
+        dev = next(model.parameters()).device
+        import pandas as pd                                         # cached as plain lists (torch.load reads no DataFrame)
+        grid = pd.DataFrame(cached(cache_dir, key, lambda: pgd_grid(model, load_batch(data, range(n))[0].to(dev), eps_grid,
+                                   step_grid, steps=steps, seed=seed, batch_size=S["batch_size"]).to_dict("list"), name="grid"))
+        eps, step = grid.loc[grid.chosen, ["eps", "step"]].iloc[0].tolist()
+    else:
+        if model_name not in PGD_PRESETS:
+            raise ValueError(f"no 004 Table 4 preset for {model_name!r} ({list(PGD_PRESETS)}); use grid_search=True")
+        grid, (eps, step) = None, PGD_PRESETS[model_name]
+    att = plausibility_attack(model, model_name, data, eps, step, cache_dir=cache_dir,
+                              n_keep=max(S["n_explain"], S["n_recovery"]),
+                              steps=steps, seed=seed, batch_size=S["batch_size"], progress=progress)
+    return grid, att
 
 # %% ../nbs/50_experiment.ipynb #68636e8c
 _TEX_ESC = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$"}
