@@ -16,8 +16,8 @@ from .core import check_images, repo_root, resolve_target, to_saliency
 __all__ = ['FALSESENSE_FAMILIES', 'FALSESENSE_SALIENCY', 'COHERENCY_METHODS', 'COHERENCY_SALIENCY', 'COHERENCY_CONFIGS',
            'PLAUSIBILITY_PAPER_MODELS', 'PLAUSIBILITY_STANDARD', 'PLAUSIBILITY_SMOOTHING', 'PLAUSIBILITY_ENSEMBLES',
            'PLAUSIBILITY_EXPLAINERS', 'PLAUSIBILITY_HOWS', 'PGD_EPS_GRID', 'PGD_STEP_GRID', 'MapCache', 'image_batches',
-           'compute_maps', 'method_maps', 'method_settings', 'classification_rows', 'paper_values', 'family_of',
-           'fidelity_scores', 'cached', 'coherency_scores', 'coherency_run', 'coherency_setting',
+           'compute_maps', 'describe_data', 'method_maps', 'method_settings', 'classification_rows', 'paper_values',
+           'family_of', 'fidelity_scores', 'cached', 'coherency_scores', 'coherency_run', 'coherency_setting',
            'plausibility_setting', 'pgd_grid', 'plausibility_attack', 'fixed_segmentation', 'plausibility_scores',
            'plausibility_adversaries', 'write_table', 'save_figure', 'runtime_bucket', 'figures_dir', 'register',
            'write_index', 'write_manifest', 'Timer']
@@ -113,6 +113,11 @@ def compute_maps(explainer, data, target, cache: MapCache | None = None, batch_s
     return cache.read() if not len(cache.missing()) else None     # None: stopped early by max_chunks
 
 # %% ../nbs/50_experiment.ipynb #e2fd2d14
+def describe_data(data, keys=("kind", "split", "size", "seed", "subset", "root")) -> dict:
+    "The plain attributes `keys` of a data set that exist (its part of a cache key)."
+    return {k: getattr(data, k) for k in keys
+            if hasattr(data, k) and isinstance(getattr(data, k), (str, int, float, type(None)))}
+
 def method_maps(model, model_name: str, method: str, data, target="label", *, cache_dir, batch_size: int = 32,
                 method_kw: dict | None = None, saliency: dict | None = None, key: dict | None = None,
                 time_batch: int | None = None, progress: bool = False) -> tuple[torch.Tensor, float | None]:
@@ -122,8 +127,7 @@ def method_maps(model, model_name: str, method: str, data, target="label", *, ca
     method_kw, saliency = method_kw or {}, saliency or {}
     ex = create(method, model, **{"batch_size": batch_size, **method_kw})
     first = data[0][0] if not isinstance(data, torch.Tensor) else data[0]
-    desc = {k: getattr(data, k) for k in ("kind", "split", "size", "seed", "context", "subset", "resize", "root")
-            if isinstance(getattr(data, k, None), (str, int, float, type(None))) and hasattr(data, k)}
+    desc = describe_data(data, ("kind", "split", "size", "seed", "context", "subset", "resize", "root"))
     full_key = {"dataset": getattr(data, "kind", type(data).__name__), "data": desc, "n": len(data),
                 "model": model_name, "method": method,
                 "target": target if isinstance(target, (str, int)) else "custom", "method_kw": method_kw,
@@ -291,9 +295,8 @@ def coherency_run(model, model_name: str, method: str, data, target="label", *, 
     "Cached maps `[N, H, W]` of `method` (post-processed with `COHERENCY_SALIENCY`) and their cached `coherency_scores`."
     sal, _ = method_maps(model, model_name, method, data, target, cache_dir=cache_dir, batch_size=batch_size,
                          method_kw=method_kw, saliency=COHERENCY_SALIENCY, key={"seed": seed}, progress=progress)
-    desc = {k: getattr(data, k) for k in ("kind", "split", "size", "seed", "subset", "root")
-            if isinstance(getattr(data, k, None), (str, int, float, type(None))) and hasattr(data, k)}
-    key = {"what": "coherency_scores", "data": desc, "n": len(data), "model": model_name, "method": method,
+    key = {"what": "coherency_scores", "data": describe_data(data, ("kind", "split", "size", "seed", "subset", "root")),
+           "n": len(data), "model": model_name, "method": method,
            "target": target, "method_kw": method_kw, "steps": steps, "uniform_seeds": uniform_seeds, "seed": seed}
     scores = cached(cache_dir, key, lambda: coherency_scores(model, data, sal, target, steps=steps,
                     uniform_seeds=uniform_seeds, batch_size=batch_size, curve_batch=curve_batch, seed=seed,
@@ -363,9 +366,10 @@ def plausibility_setting(profile: str = "quick", dataset=None, model_names=None,
                                     else ["AlexNet", "VGG16", "ResNet-50", "DenseNet161", "Inception v3"]))}
 
 def _model_std(model) -> torch.Tensor:
+    "The model's input σ per channel (ImageNet's for a model without one), to turn normalised ε into pixels."
+    from saliency_lab.models import IMAGENET_STD
     std = getattr(model, "std", None)
-    return (std.flatten().detach().cpu().double() if isinstance(std, torch.Tensor)
-            else torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64))
+    return std.flatten().detach().cpu().double() if isinstance(std, torch.Tensor) else torch.tensor(IMAGENET_STD, dtype=torch.float64)
 
 def pgd_grid(model, x: torch.Tensor, eps_grid, step_grid, *, steps: int = 100, seed: int = 0,
              batch_size: int = 64, progress: bool = False):
@@ -397,9 +401,8 @@ def plausibility_attack(model, model_name: str, data, eps, step, *, cache_dir, n
     from saliency_lab import attacks
     from saliency_lab.core import predict
     from saliency_lab.data import load_batch
-    desc = {k: getattr(data, k) for k in ("kind", "split", "size", "seed", "root")
-            if isinstance(getattr(data, k, None), (str, int, float, type(None))) and hasattr(data, k)}
-    key = {"what": "plausibility_attack", "data": desc, "n": len(data), "model": model_name, "eps": float(eps),
+    key = {"what": "plausibility_attack", "data": describe_data(data, ("kind", "split", "size", "seed", "root")),
+           "n": len(data), "model": model_name, "eps": float(eps),
            "step": float(step), "steps": int(steps), "seed": seed, "n_keep": int(n_keep)}
     def compute():
         std = _model_std(model)
@@ -489,7 +492,8 @@ def plausibility_adversaries(S: dict, model, model_name: str, *, cache_dir, grid
     grid_search = S["quick"] if grid_search is None else bool(grid_search)
     if grid_search:
         n = min(S["n_grid"], len(data))
-        key = {"what": "pgd_grid", "model": model_name, "data": getattr(data, "kind", None), "n": n,
+        key = {"what": "pgd_grid", "model": model_name, "data": describe_data(data, ("kind", "split", "size", "seed", "root")),
+               "n": n,
                "eps": [float(e) for e in eps_grid], "step": [float(s) for s in step_grid], "steps": int(steps), "seed": seed}
         dev = next(model.parameters()).device
         import pandas as pd                                         # cached as plain lists (torch.load reads no DataFrame)

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import (batched, check_images, check_model, chunks, make_generator, model_device, predict,
-                               resolve_target, shared_noise)
+from ..core import chunks, make_generator, predict, shared_noise
 from .base import METHODS, Explainer, register, target_scores
 
 # %% auto #0
@@ -265,13 +264,11 @@ class VarGrad(_Ensemble):
 
 ENSEMBLES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
+class _Moments(SmoothGrad):
+    "The first and second moments side by side, `[b, 2C, H, W]`, through `Explainer.__call__`'s checks and chunking."
+    def attribute(self, x, target): return torch.cat(self.moments(x, target), 1)
+
 def ensemble_maps(model, x: torch.Tensor, target="pred", base: str = "gradient", labels=None, **kw) -> dict:
     "SmoothGrad, SmoothGrad² and VarGrad of `base` from one set of noisy copies: `{name: [B, C, H, W]}` (each equals its registered method with the same `kw`)."
-    sg = SmoothGrad(model, base=base, **kw)
-    check_images(x); check_model(model)
-    dev = model_device(model)
-    t = resolve_target(model, x, target, labels=labels, batch_size=sg.batch_size)
-    both = batched(lambda xb, tb: torch.stack(sg.moments(xb.to(dev), tb.to(dev))).detach().to(x.device).transpose(0, 1),
-                   x, t, batch_size=sg.batch_size)                               # [B, 2, C, H, W]
-    m1, m2 = both[:, 0], both[:, 1]
+    m1, m2 = _Moments(model, base=base, **kw)(x, target, labels=labels).chunk(2, dim=1)
     return {"smoothgrad": m1, "smoothgrad_sq": m2, "vargrad": m2 - m1 ** 2}
