@@ -77,7 +77,7 @@ def test_papermill_full_profile_on_fake_jamendo(tmp_path):
     "The full profile reads a Jamendo folder, trains one paper-sized detector per seed (cached) and reports mean ± std."
     root, out, cache = tmp_path / "jamendo", tmp_path / "figs", tmp_path / "cache"
     _fake_jamendo(root)
-    params = {"data_root": str(root), "seeds": [0, 1], "n_excerpts": 4, "n_samples": 16, "steps": 30, "step": 0.01, "ks": [1, 3, 20],
+    params = {"data_root": str(root), "seeds": [0, 1], "n_excerpts": 4, "n_samples": 16, "steps": 30, "step": 0.05, "eps": 0.5, "alpha": 1e4, "detector_epochs": 1, "ks": [1, 3, 20],
               "recovery_ks": [1], "batch_size": 8, "lime_batch": 32}
     cli.reproduce("full", only="plausibility_audio", out_root=out, cache_dir=cache, params=params, progress=False)
     d = out / "plausibility_audio"
@@ -85,8 +85,9 @@ def test_papermill_full_profile_on_fake_jamendo(tmp_path):
     assert seeds["seed"].tolist() == [0, 1]
     summary = pd.read_csv(d / "detector.csv").set_index("metric")
     assert summary.loc["error (%)", "ours"] == f"{seeds['error'].mean():.2f} ± {seeds['error'].std():.2f}"
-    dets = sorted((cache / "detectors").glob("*.pt"))
-    assert [p.name for p in dets] == ["jamendo_paper_seed0.pt", "jamendo_paper_seed1.pt"]
+    dets = sorted((cache / "detectors").rglob("*.pt"))
+    assert [p.relative_to(cache / "detectors").as_posix() for p in dets] == \
+        ["jamendo_paper_seed0/allsongs_1epochs.pt", "jamendo_paper_seed1/allsongs_1epochs.pt"]
     m = audio.load_detector(dets[0])
     assert sum(p.numel() for p in m.parameters()) > 1_000_000             # the paper's network, not the embedded one
     assert json.loads((d / "manifest.json").read_text())["params"]["profile"] == "full"
