@@ -31,11 +31,16 @@ check-notebooks: install
 	rm -rf "$$tmp"; exit $$st
 	@echo "notebooks clean, saliency_lab/ in sync"
 
+# Two workers with one thread each: two torch processes of two threads each on a 2-core machine slow each other
+# several-fold (measured: nbdev_test 8 min with 2 threads per worker, 63 s with 1; pytest 16 min serial, 8.6 min so).
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+TEST_WORKERS ?= 2
+
 nbtest: install
-	$(BIN)/nbdev_test --n_workers 2
+	$(TEST_ENV) $(BIN)/nbdev_test --n_workers $(TEST_WORKERS)
 
 pytest: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(TEST_ENV) $(BIN)/python -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 test: check-notebooks nbtest pytest
 
