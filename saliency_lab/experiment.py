@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_experiment.ipynb #ff042086
 from __future__ import annotations
-import hashlib, json, os, platform, re, time
+import hashlib, json, os, platform, re, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +36,31 @@ class MapCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta_f, maps_f = self.dir / "meta.json", self.dir / "maps.f16"
         meta = {"key": self.key, "n": self.n, "shape": list(self.shape)}
+        self._done_f = self.dir / "done.npy"
+        problem = None                                   # a damaged entry is recomputed, never read
         if meta_f.exists():
             try: old = json.loads(meta_f.read_text())
-            except json.JSONDecodeError as e: raise ValueError(f"corrupted cache metadata {meta_f}; delete {self.dir}") from e
-            if old != json.loads(json.dumps(meta, default=str)):
-                raise ValueError(f"cache {self.dir} was written for another setting ({old['n']} maps of "
-                                 f"{old['shape']}); delete it or use another cache_dir")
-            if not maps_f.exists() or maps_f.stat().st_size != self.n * int(np.prod(self.shape)) * 2:
-                raise ValueError(f"corrupted cache {maps_f} (wrong size); delete {self.dir}")
-        else:
-            meta_f.write_text(json.dumps(meta, default=str, indent=1))
+            except (json.JSONDecodeError, UnicodeDecodeError): old, problem = None, f"unreadable metadata {meta_f}"
+            if old is not None and old != json.loads(json.dumps(meta, default=str)):
+                raise ValueError(f"cache {self.dir} was written for another setting ({old.get('n')} maps of "
+                                 f"{old.get('shape')}); delete it or use another cache_dir")
+            if problem is None and (not maps_f.exists() or maps_f.stat().st_size != self.n * int(np.prod(self.shape)) * 2):
+                problem = f"{maps_f} has the wrong size"
+        done = None
+        if problem is None and self._done_f.exists():
+            try: done = np.load(self._done_f)
+            except (ValueError, OSError, EOFError): problem = f"unreadable {self._done_f}"
+            if done is not None and (done.shape != (self.n,) or done.dtype != bool):
+                problem = f"{self._done_f} does not match {self.n} maps"
+        if problem is not None:
+            warnings.warn(f"damaged map cache {self.dir} ({problem}): its maps are recomputed")
+            for f in (maps_f, self._done_f): f.unlink(missing_ok=True)
+            done = None
+        if not meta_f.exists() or problem is not None:
+            tmp = meta_f.with_suffix(".tmp"); tmp.write_text(json.dumps(meta, default=str, indent=1)); os.replace(tmp, meta_f)
         mode = "r+" if maps_f.exists() else "w+"
         self.maps = np.memmap(maps_f, dtype=np.float16, mode=mode, shape=(self.n, *self.shape))
-        self._done_f = self.dir / "done.npy"
-        self.done = np.load(self._done_f) if self._done_f.exists() else np.zeros(self.n, bool)
-        if self.done.shape != (self.n,): raise ValueError(f"corrupted cache {self._done_f}; delete {self.dir}")
+        self.done = done if done is not None else np.zeros(self.n, bool)
 
     def missing(self) -> np.ndarray:
         "Indices of images whose maps are not stored yet."
@@ -241,7 +251,10 @@ def cached(cache_dir, key: dict, compute, name: str = "scores"):
     "`compute()` once per `key`: the result is stored in `<cache_dir>/<name>/<hash>.pt` and read back on later calls."
     h = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     f = Path(cache_dir) / name / f"{h}.pt"
-    if f.exists(): return torch.load(f)
+    if f.exists():
+        try: return torch.load(f)
+        except Exception as e:                      # truncated or overwritten: never read, recomputed below
+            warnings.warn(f"unreadable cache entry {f} ({type(e).__name__}): recomputing it")
     out = compute()
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp"); torch.save(out, tmp); os.replace(tmp, f)

@@ -21,15 +21,29 @@ def test_cache_resumes_and_matches_uncached(tmp_path):
     torch.testing.assert_close(resumed, direct, atol=1e-3, rtol=0)
 
 
-def test_cache_rejects_other_settings_and_corruption(tmp_path):
+def test_cache_rejects_other_settings_and_recomputes_damaged_entries(tmp_path):
     key = {"dataset": "d", "model": "m", "method": "x"}
     c = experiment.MapCache(tmp_path, key, 4, (8, 8))
-    c.write([0, 1], torch.rand(2, 8, 8))
+    maps = torch.rand(2, 8, 8)
+    c.write([0, 1], maps)
     with pytest.raises(ValueError, match="another setting"):
         experiment.MapCache(tmp_path, key, 5, (8, 8))
-    with open(c.dir / "maps.f16", "ab") as f: f.write(b"xx")
-    with pytest.raises(ValueError, match="corrupted"):
-        experiment.MapCache(tmp_path, key, 4, (8, 8))
+    torch.testing.assert_close(experiment.MapCache(tmp_path, key, 4, (8, 8)).read([0, 1]), maps, atol=1e-3, rtol=0)
+    damage = {"maps.f16 too long": lambda d: open(d / "maps.f16", "ab").write(b"xx"),
+              "maps.f16 truncated": lambda d: (d / "maps.f16").write_bytes((d / "maps.f16").read_bytes()[:100]),
+              "done.npy garbage": lambda d: (d / "done.npy").write_bytes(b"not a numpy file"),
+              "done.npy of another length": lambda d: np.save(d / "done.npy", np.ones(7, bool)),
+              "meta.json garbage": lambda d: (d / "meta.json").write_bytes(b"\xff{"),
+              "maps.f16 deleted": lambda d: (d / "maps.f16").unlink()}
+    for what, hurt in damage.items():
+        c = experiment.MapCache(tmp_path, key, 4, (8, 8)); c.write([0, 1], maps)
+        hurt(c.dir)
+        with pytest.warns(UserWarning, match="damaged map cache"):
+            c2 = experiment.MapCache(tmp_path, key, 4, (8, 8))
+        assert list(c2.missing()) == [0, 1, 2, 3], what                    # nothing of the damaged entry is read
+        with pytest.raises(ValueError, match="not computed"): c2.read([0])
+        c2.write([0], maps[:1])                                              # and it works as a fresh cache
+        torch.testing.assert_close(experiment.MapCache(tmp_path, key, 4, (8, 8)).read([0]), maps[:1], atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="not computed"):
         experiment.MapCache(tmp_path, {**key, "method": "y"}, 4, (8, 8)).read()
 
