@@ -32,7 +32,8 @@ check-notebooks: install
 	@echo "notebooks clean, saliency_lab/ in sync"
 
 # Two workers with one thread each: two torch processes of two threads each on a 2-core machine slow each other
-# several-fold (measured: nbdev_test 8 min with 2 threads per worker, 63 s with 1; pytest 16 min serial, 8.6 min so).
+# several-fold (nbdev_test about 9 min by the make log with 2 threads per worker, 63 s timed with 1; pytest 16 min
+# serial, 8.6 min so).
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 TEST_WORKERS ?= 2
 
